@@ -1,0 +1,235 @@
+"""
+The EMO transformer: a decoder-only mixture-of-experts language model as released with
+"EMO: Pretraining Mixture of Experts for Emergent Modularity" (Wang, Bhagia, Min, 2026).
+
+    tokens -> embedding -> n_layer x [ x + attention(RMSNorm(x)),  x + MoE(RMSNorm(x)) ] -> RMSNorm -> LM head
+
+- attention: multi-head, RoPE, no biases, no QK-norm; optionally masked within documents.
+- MoE in every layer: n_experts SwiGLU experts. The last n_shared are always on with weight 1, the others
+  are chosen per token by router.py (EMO's document-pool router or the standard top-k router) and run
+  by kernels.py. Untied embedding and LM head, truncated-normal init.
+See ../shared/docs/emo.md for the method and the release's numbers.
+
+Shape letters used across the project:
+    B batch, T sequence length, C model width (d_model), nh heads, hd head size (C // nh),
+    N tokens (B*T), V vocabulary, E experts, Er routed experts (E - n_shared),
+    K experts per token (top_k), kr routed experts per token (K - n_shared), H expert hidden size.
+
+    from model import ModelConfig, EMO
+    model = EMO(ModelConfig(vocab_size=4096, eos_id=0))
+    logits, loss, stats = model(idx, targets)
+"""
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from kernels import moe_mlp
+from router import Router, document_ids
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = 4096
+    eos_id: int = 0  # closes every document; document pools and the attention mask come from it
+    seq_len: int = 256  # longest sequence the model is used with
+    n_layer: int = 4
+    n_head: int = 4
+    d_model: int = 128
+    n_experts: int = 16  # all experts of a layer, the shared ones included (last indices)
+    n_shared: int = 1
+    top_k: int = 4  # experts per token, the shared ones included
+    expert_hidden: int = 128
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-6
+    router: str = "emo"  # 'emo' (document pools) or 'std' (standard top-k)
+    pool_min: int = 2  # EMO training: pool size drawn uniformly in [pool_min, pool_max] per document
+    pool_max: int = 15
+    pool_eval: int = 0  # EMO in eval mode: fixed pool size, 0 routes token by token
+    doc_attention: bool = False  # mask attention within documents (the release does for EMO)
+    lb_weight: float = 0.1  # load-balancing loss, global batch
+    z_weight: float = 0.001  # router z-loss
+    lm_z_weight: float = 0.0  # LM-head z-loss (1e-5 in the release)
+    init_std: float = 0.02
+
+    def __post_init__(self):
+        checks = [
+            (self.d_model % self.n_head == 0 and (self.d_model // self.n_head) % 2 == 0,
+             f"d_model {self.d_model} must split into n_head {self.n_head} heads of even size (RoPE)"),
+            (0 <= self.n_shared < self.n_experts, f"n_shared {self.n_shared} must be in [0, n_experts)"),
+            (self.n_shared < self.top_k <= self.n_experts,
+             f"top_k {self.top_k} must exceed n_shared {self.n_shared} and be at most n_experts {self.n_experts}"),
+            (self.router in ("emo", "std"), f"router must be 'emo' or 'std', got {self.router!r}"),
+            (1 <= self.pool_min <= self.pool_max, f"need 1 <= pool_min <= pool_max, got {self.pool_min}, {self.pool_max}"),
+            (self.pool_eval >= 0, f"pool_eval must be >= 0, got {self.pool_eval}"),
+            (0 <= self.eos_id < self.vocab_size, f"eos_id {self.eos_id} outside the vocabulary {self.vocab_size}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim, eps):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+
+
+def rope_tables(head_size, T, theta, device):
+    """cos and sin tables (T, hd) of rotary embeddings, halves layout (as in the Hugging Face release)."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_size, 2, device=device, dtype=torch.float32) / head_size)
+    angles = torch.outer(torch.arange(T, device=device, dtype=torch.float32), inv_freq)  # (T, hd/2)
+    angles = torch.cat([angles, angles], dim=-1)  # (T, hd)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x, cos, sin):
+    """Rotate x (B, nh, T, hd) by position: pairs are (i, i + hd/2)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    rotated = torch.cat([-x2, x1], dim=-1)
+    return (x * cos + rotated * sin).to(x.dtype)
+
+
+def document_attention_mask(doc_ids):
+    """Causal attention mask within documents: doc_ids (B, T) -> bool (B, 1, T, T), True = may attend."""
+    T = doc_ids.shape[1]
+    same_document = doc_ids[:, :, None] == doc_ids[:, None, :]  # (B, T, T)
+    causal = torch.ones(T, T, dtype=torch.bool, device=doc_ids.device).tril()
+    return (same_document & causal)[:, None]
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        C = cfg.d_model
+        self.n_head = cfg.n_head
+        self.q_proj, self.k_proj, self.v_proj, self.o_proj = (nn.Linear(C, C, bias=False) for _ in range(4))
+
+    def forward(self, x, cos, sin, attn_mask):
+        B, T, C = x.shape
+        q, k, v = (proj(x).view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hd)
+                   for proj in (self.q_proj, self.k_proj, self.v_proj))
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if attn_mask is None:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, C))
+
+
+class MoE(nn.Module):
+    """n_experts SwiGLU experts and their router."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        E, C, H = cfg.n_experts, cfg.d_model, cfg.expert_hidden
+        self.router = Router(C, E, cfg.n_shared, cfg.top_k, cfg.router, cfg.pool_min, cfg.pool_max, cfg.pool_eval)
+        self.w_up_gate = nn.Parameter(torch.empty(E, C, 2 * H))  # gate then up projection, input x output
+        self.w_down = nn.Parameter(torch.empty(E, H, C))
+
+    def forward(self, x, doc_ids, token_routing):
+        B, T, C = x.shape
+        routing = self.router(x.view(-1, C), doc_ids.view(-1), token_routing)
+        y = moe_mlp(x.view(-1, C), self.w_up_gate, self.w_down, routing.weights, routing.experts)  # (N, C)
+        return y.view(B, T, C), routing
+
+
+class Block(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.attn = Attention(cfg)
+        self.moe_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.moe = MoE(cfg)
+
+    def forward(self, x, cos, sin, attn_mask, doc_ids, token_routing):
+        x = x + self.attn(self.attn_norm(x), cos, sin, attn_mask)
+        y, routing = self.moe(self.moe_norm(x), doc_ids, token_routing)
+        return x + y, routing
+
+
+class EMO(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        if not any(p.is_meta for p in self.parameters()):
+            self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self):
+        """Truncated normal (std init_std, cut at 3 std) for every matrix, ones for the norms.
+        Called by the constructor, or after to_empty() when the model was built on the meta device."""
+        std = self.cfg.init_std
+        for name, p in self.named_parameters():
+            if name.endswith("norm.weight"):
+                p.fill_(1.0)
+            else:
+                nn.init.trunc_normal_(p, std=std, a=-3 * std, b=3 * std)
+
+    def num_params(self):
+        """(total, active) parameter counts; active = what one token uses (kr of the Er routed experts)."""
+        cfg = self.cfg
+        total = sum(p.numel() for p in self.parameters())
+        per_expert = 3 * cfg.d_model * cfg.expert_hidden
+        unused = cfg.n_layer * ((cfg.n_experts - cfg.n_shared) - (cfg.top_k - cfg.n_shared)) * per_expert
+        return total, total - unused
+
+    def flops_per_token(self, T):
+        """Training FLOPs per token (forward + backward): 6 per active matmul weight, plus attention scores.
+        The embedding lookup is no matmul; the LM head is."""
+        cfg = self.cfg
+        active_matmul = self.num_params()[1] - self.embed.weight.numel()
+        return 6 * active_matmul + 12 * cfg.n_layer * cfg.d_model * T
+
+    def forward(self, idx, targets=None, token_routing=False):
+        """idx (B, T) token ids, targets (B, T) next tokens (-1 = ignore) or None.
+        Returns logits (B, T, V), the loss to optimise (None without targets) and a dict of statistics:
+        lm_loss, lb_loss, z_loss (each averaged over layers), expert_counts (n_layer, Er), pool_size."""
+        B, T = idx.shape
+        doc_ids = document_ids(idx, self.cfg.eos_id)  # (B, T)
+        attn_mask = document_attention_mask(doc_ids) if self.cfg.doc_attention else None
+        cos, sin = rope_tables(self.cfg.d_model // self.cfg.n_head, T, self.cfg.rope_theta, idx.device)
+        x = self.embed(idx)  # (B, T, C)
+        routings = []
+        for block in self.layers:
+            x, routing = block(x, cos, sin, attn_mask, doc_ids, token_routing)
+            routings.append(routing)
+        logits = self.lm_head(self.norm(x)).float()  # (B, T, V)
+        stats = {
+            "lb_loss": torch.stack([r.lb_loss for r in routings]).mean(),
+            "z_loss": torch.stack([r.z_loss for r in routings]).mean(),
+            "expert_counts": torch.stack([r.expert_counts for r in routings]),
+            "pool_size": torch.stack([r.pool_size for r in routings]).mean(),
+        }
+        if targets is None:
+            return logits, None, stats
+        stats["lm_loss"] = F.cross_entropy(logits.view(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-1)
+        loss = stats["lm_loss"] + self.cfg.lb_weight * stats["lb_loss"] + self.cfg.z_weight * stats["z_loss"]
+        if self.cfg.lm_z_weight > 0:
+            loss = loss + self.cfg.lm_z_weight * torch.logsumexp(logits, dim=-1)[targets != -1].square().mean()
+        return logits, loss, stats
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens, temperature=1.0, sample_top_k=None):
+        """Sample max_new_tokens after idx (B, T), routing token by token (no pool), as the release does at
+        inference. sample_top_k keeps only the most likely tokens at each step."""
+        for _ in range(max_new_tokens):
+            context = idx[:, -self.cfg.seq_len:]
+            logits, _, _ = self(context, token_routing=True)
+            logits = logits[:, -1] / temperature  # (B, V)
+            if sample_top_k is not None:
+                kth = logits.topk(min(sample_top_k, logits.shape[-1])).values[:, [-1]]
+                logits = logits.masked_fill(logits < kth, float("-inf"))
+            next_token = torch.multinomial(logits.softmax(-1), num_samples=1)  # (B, 1)
+            idx = torch.cat([idx, next_token], dim=1)
+        return idx

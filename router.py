@@ -1,0 +1,134 @@
+"""
+The routers of nanoEMO: which experts each token uses, and the auxiliary losses that train them.
+
+Two routers share one code path (../shared/docs/emo.md, "The document-pool router"):
+- 'std': the standard top-k MoE router (the baseline). Every token picks its top k routed experts.
+- 'emo': the document-pool router of EMO. All tokens of one document choose their experts from a shared
+  pool: the top-P experts of the document by the sum of its tokens' router probabilities. P is drawn
+  uniformly from [pool_min, pool_max] per document during training, fixed to pool_eval at evaluation
+  (0: no pool, token routing as at inference). Experts outside the pool get logit -inf.
+Then both: softmax over the routed experts, top k_r, weights are the probabilities themselves (not
+renormalised), and the n_shared last experts are always added with weight 1. Where a pool is smaller
+than k_r, the surplus picks lie outside it and carry weight 0.
+
+Everything is vectorised: documents are numbered with a cumulative sum over EOS positions, their scores
+are one segment sum (index_add_), their pools one sort; no Python loop over documents, no host sync.
+
+Shapes: N tokens (B*T), E experts, Er = E - n_shared routed experts, kr = top_k - n_shared routed
+experts per token, K = top_k experts per token in all, C model width.
+"""
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+def document_ids(idx, eos_id):
+    """Number the documents of a batch of packed sequences: (B, T) token ids -> (B, T) document ids.
+
+    An EOS closes its document (it belongs to the document it ends), a row's first token opens a new one,
+    so a row's leading and trailing partial documents are documents of their own. Numbers run across the
+    whole batch (0..D-1, D <= B*T), so two tokens share a document exactly when they share an id.
+    """
+    starts = torch.ones_like(idx, dtype=torch.bool)  # (B, T) True where a document begins
+    starts[:, 1:] = idx[:, :-1] == eos_id
+    return starts.flatten().cumsum(0).view_as(idx) - 1
+
+
+def pool_mask(probs, doc_ids, pool_sizes):
+    """Which routed experts each token may use: those in its document's pool.
+
+    probs (N, Er) router probabilities, doc_ids (N,) in 0..N-1, pool_sizes (N,) the pool size of each
+    document id (entries past the last document are unused). Returns a bool mask (N, Er).
+    """
+    N, Er = probs.shape
+    scores = probs.new_zeros(N, Er).index_add_(0, doc_ids, probs)  # (N, Er) row d: summed probs of document d
+    rank = scores.argsort(dim=1, descending=True).argsort(dim=1)  # (N, Er) 0 for each document's top expert
+    in_pool = rank < pool_sizes[:, None]  # (N, Er) per document
+    return in_pool[doc_ids]  # (N, Er) per token
+
+
+def load_balancing_loss(probs, routed_experts, n_routed):
+    """Switch-style load-balancing loss over the global batch: 1.0 for perfectly uniform routing.
+
+    probs (N, Er) router probabilities, routed_experts (N, kr) the routed experts chosen.
+    loss = Er / kr * sum_e f_e * p_e, with f_e the fraction of tokens sent to expert e (sums to kr)
+    counted over all data-parallel ranks, and p_e this rank's mean probability of e (which carries the
+    gradient). A pick of probability 0 (a pool smaller than kr leaves a token fewer experts than kr) is not
+    counted. Returns the loss and the global token counts per expert (Er,).
+    """
+    N, kr = routed_experts.shape
+    used = (probs.gather(1, routed_experts) > 0).flatten().to(probs.dtype)  # (N*kr,)
+    counts = probs.new_zeros(n_routed).index_add_(0, routed_experts.flatten(), used)  # (Er,)
+    counts_and_total = torch.cat([counts, probs.new_full((1,), N)])  # (Er + 1,) all-reduced together
+    if dist.is_initialized():
+        dist.all_reduce(counts_and_total)  # balance is asked of the whole batch, not of one rank
+    counts, n_tokens = counts_and_total[:-1], counts_and_total[-1]
+    fraction = counts / n_tokens  # (Er,)
+    return n_routed / kr * (fraction * probs.mean(0)).sum(), counts
+
+
+def z_loss(logits):
+    """Router z-loss: mean over tokens of logsumexp(logits)^2, keeps router logits small. logits (N, Er)."""
+    return torch.logsumexp(logits, dim=-1).square().mean()
+
+
+@dataclass
+class Routing:
+    """What a router returns for N tokens: the experts to run and the terms a training loop needs."""
+
+    weights: torch.Tensor  # (N, K) float32, routed experts first, then the shared ones with weight 1
+    experts: torch.Tensor  # (N, K) int64 expert indices
+    lb_loss: torch.Tensor  # scalar, before its weight
+    z_loss: torch.Tensor  # scalar, before its weight
+    expert_counts: torch.Tensor  # (Er,) tokens sent to each routed expert, summed over data-parallel ranks
+    pool_size: torch.Tensor  # scalar: mean pool size over this batch's documents (Er when no pool is used)
+
+
+class Router(nn.Module):
+    """Chooses the experts of every token. kind 'emo' routes within document pools, 'std' does not."""
+
+    def __init__(self, d_model, n_experts, n_shared, top_k, kind, pool_min, pool_max, pool_eval):
+        super().__init__()
+        if kind not in ("emo", "std"):
+            raise ValueError(f"router must be 'emo' or 'std', got {kind!r}")
+        self.gate = nn.Linear(d_model, n_experts, bias=False)  # one logit per expert, shared experts last
+        self.n_routed, self.k_routed, self.n_shared = n_experts - n_shared, top_k - n_shared, n_shared
+        self.kind, self.pool_min, self.pool_max, self.pool_eval = kind, pool_min, pool_max, pool_eval
+
+    def pool_sizes(self, n, device):
+        """Pool size for each of up to n documents, or None where this call routes token by token."""
+        if self.kind == "std":
+            return None
+        if self.training:
+            return torch.randint(self.pool_min, self.pool_max + 1, (n,), device=device)
+        if self.pool_eval > 0:
+            return torch.full((n,), self.pool_eval, device=device)
+        return None
+
+    def forward(self, x, doc_ids, token_routing=False):
+        """x (N, C) token states, doc_ids (N,) document ids from document_ids(). token_routing=True
+        ignores pools (inference as in the release). Returns a Routing."""
+        N = x.shape[0]
+        with torch.autocast(x.device.type, enabled=False):  # router logits in float32 (emo.md step 1)
+            logits = F.linear(x.float(), self.gate.weight.float())  # (N, E)
+        routed_logits = logits[:, : self.n_routed]  # (N, Er) shared experts take no part in routing
+        sizes = None if token_routing else self.pool_sizes(N, x.device)
+        pool_size = torch.tensor(float(self.n_routed), device=x.device)
+        masked_logits = routed_logits
+        if sizes is not None:
+            with torch.no_grad():  # the pool choice itself passes no gradient
+                in_pool = pool_mask(routed_logits.softmax(-1), doc_ids, sizes)
+            masked_logits = routed_logits.masked_fill(~in_pool, float("-inf"))
+            is_document = torch.arange(N, device=x.device) <= doc_ids[-1]  # (N,) ids in use
+            pool_size = (sizes.clamp(max=self.n_routed) * is_document).sum() / is_document.sum()
+        probs = masked_logits.softmax(-1)  # (N, Er) zero outside the pool
+        weights, experts = probs.topk(self.k_routed, dim=-1)  # (N, kr) not renormalised
+        lb_loss, counts = load_balancing_loss(probs, experts, self.n_routed)
+        shared = torch.arange(self.n_routed, self.n_routed + self.n_shared, device=x.device)
+        experts = torch.cat([experts, shared.expand(N, -1)], dim=1)  # (N, K)
+        weights = torch.cat([weights, weights.new_ones(N, self.n_shared)], dim=1)  # (N, K)
+        return Routing(weights, experts, lb_loss, z_loss(routed_logits), counts, pool_size)

@@ -1,0 +1,150 @@
+"""Model tests: causality, document masking, initial loss, learning, gradients, parameter counts.
+
+    python -m pytest tests/test_model.py -q
+"""
+
+import math
+
+import pytest
+import torch
+
+from model import EMO, ModelConfig
+
+EOS = 0
+
+
+def tiny_config(**overrides):
+    settings = dict(vocab_size=64, eos_id=EOS, seq_len=32, n_layer=2, n_head=2, d_model=16,
+                    n_experts=8, n_shared=1, top_k=3, expert_hidden=12, pool_min=2, pool_max=7)
+    settings.update(overrides)
+    return ModelConfig(**settings)
+
+
+def tokens(B=2, T=32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randint(1, 64, (B, T), generator=g)
+    idx[:, [7, 20]] = EOS
+    return idx
+
+
+@pytest.mark.parametrize("router,doc_attention", [("std", False), ("emo", True), ("emo", False)])
+def test_causal_with_token_routing(router, doc_attention):
+    torch.manual_seed(0)
+    model = EMO(tiny_config(router=router, doc_attention=doc_attention)).eval()  # eval: no pool
+    idx = tokens()
+    changed = idx.clone()
+    t = 13
+    changed[:, t] = (idx[:, t] % 63) + 1
+    a, _, _ = model(idx)
+    b, _, _ = model(changed)
+    assert torch.equal(a[:, :t], b[:, :t])
+    assert not torch.allclose(a[:, t:], b[:, t:])
+
+
+def test_document_attention_hides_earlier_documents():
+    torch.manual_seed(0)
+    model = EMO(tiny_config(router="std", doc_attention=True))
+    idx = tokens()  # documents [0..7], [8..20], [21..31]
+    changed = idx.clone()
+    changed[:, 3] = (idx[:, 3] % 63) + 1  # inside the first document
+    a, _, _ = model(idx)
+    b, _, _ = model(changed)
+    assert torch.equal(a[:, 8:], b[:, 8:])
+    assert not torch.allclose(a[:, 3:8], b[:, 3:8])
+    plain = EMO(tiny_config(router="std", doc_attention=False))
+    plain.load_state_dict(model.state_dict())
+    assert not torch.allclose(plain(idx)[0][:, 8:], plain(changed)[0][:, 8:])
+
+
+def test_initial_loss_close_to_uniform():
+    torch.manual_seed(0)
+    model = EMO(tiny_config(vocab_size=512))
+    idx = torch.randint(1, 512, (4, 32))
+    _, _, stats = model(idx, idx)
+    assert abs(stats["lm_loss"].item() - math.log(512)) < 0.1
+
+
+@pytest.mark.parametrize("router", ["emo", "std"])
+def test_optimizer_steps_reduce_loss(router):
+    torch.manual_seed(0)
+    model = EMO(tiny_config(router=router))
+    idx = tokens()
+    x, y = idx[:, :-1], idx[:, 1:]
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    losses = []
+    for _ in range(30):
+        _, loss, _ = model(x, y)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0]
+
+
+def test_gradients_reach_used_experts_and_router():
+    torch.manual_seed(0)
+    model = EMO(tiny_config())
+    idx = tokens()
+    _, loss, stats = model(idx, idx)
+    loss.backward()
+    counts = stats["expert_counts"]  # (n_layer, Er) tokens per routed expert
+    for layer, block in enumerate(model.layers):
+        moe = block.moe
+        assert moe.router.gate.weight.grad.abs().sum() > 0
+        expert_grad = moe.w_up_gate.grad.abs().sum((1, 2)) + moe.w_down.grad.abs().sum((1, 2))  # (E,)
+        routed = expert_grad[:7]
+        assert torch.equal(routed > 0, counts[layer] > 0)
+        assert expert_grad[7] > 0  # the shared expert sees every token
+
+
+def test_stats_shapes_and_pool_sizes():
+    torch.manual_seed(0)
+    model = EMO(tiny_config())
+    idx = tokens()
+    _, _, stats = model(idx, idx)
+    assert stats["expert_counts"].shape == (2, 7)
+    # counts: every token has 2 routed picks, minus those of weight 0 (pools smaller than 2 experts)
+    assert stats["expert_counts"].sum(1).le(2 * idx.numel()).all()
+    assert 2 <= stats["pool_size"].item() <= 7
+    model.eval()
+    assert model(idx, idx)[2]["pool_size"].item() == 7
+
+
+def test_parameter_counts_match_formula():
+    cfg = tiny_config()
+    model = EMO(cfg)
+    total, active = model.num_params()
+    C, V, H, L, E = cfg.d_model, cfg.vocab_size, cfg.expert_hidden, cfg.n_layer, cfg.n_experts
+    per_layer_dense = 4 * C * C + E * C + 2 * C  # attention, router, two norms
+    per_expert = 3 * C * H
+    assert total == 2 * V * C + C + L * (per_layer_dense + E * per_expert)
+    assert active == 2 * V * C + C + L * (per_layer_dense + cfg.top_k * per_expert)
+
+
+def test_meta_device_build_then_init():
+    with torch.device("meta"):
+        model = EMO(tiny_config())
+    model.to_empty(device="cpu")
+    model.init_weights()
+    w = model.layers[0].moe.w_up_gate
+    assert w.abs().max() <= 3 * 0.02 and 0.015 < w.std() < 0.025
+    assert (model.norm.weight == 1).all()
+
+
+@pytest.mark.parametrize("bad,message", [
+    (dict(top_k=1), "top_k"),
+    (dict(router="dense"), "router"),
+    (dict(pool_min=5, pool_max=3), "pool_min"),
+    (dict(d_model=15), "d_model"),
+    (dict(eos_id=64), "eos_id"),
+])
+def test_config_rejects_bad_values(bad, message):
+    with pytest.raises(ValueError, match=message):
+        tiny_config(**bad)
+
+
+def test_generate_appends_tokens():
+    torch.manual_seed(0)
+    model = EMO(tiny_config()).eval()
+    out = model.generate(tokens()[:, :5], max_new_tokens=4, sample_top_k=5)
+    assert out.shape == (2, 9) and torch.equal(out[:, :5], tokens()[:, :5])
