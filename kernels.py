@@ -41,7 +41,9 @@ def moe_mlp_torch(x, w_up_gate, w_down, weights, experts):
     order, tokens, counts = sort_by_expert(experts, w_up_gate.shape[0])
     x_sorted = x[tokens]  # (N*K, C) a copy of each token per chosen expert, grouped by expert
     groups = x_sorted.split(counts.tolist())  # host sync: the group sizes; empty groups are fine
-    y_sorted = torch.cat([swiglu(x_e @ w_up_gate[e]) @ w_down[e] for e, x_e in enumerate(groups)])  # (N*K, C)
+    # unbind, not w[e]: indexing would make backward fill a zero (E, C, 2H) gradient per expert
+    experts_w1, experts_w2 = w_up_gate.unbind(0), w_down.unbind(0)
+    y_sorted = torch.cat([swiglu(x_e @ w1) @ w2 for x_e, w1, w2 in zip(groups, experts_w1, experts_w2)])  # (N*K, C)
     y_sorted = y_sorted.float() * weights.flatten()[order, None].float()
     y = torch.zeros(x.shape, dtype=torch.float32, device=x.device).index_add_(0, tokens, y_sorted)  # (N, C)
     return y.to(x.dtype)

@@ -193,8 +193,9 @@ class EMO(nn.Module):
 
     def forward(self, idx, targets=None, token_routing=False):
         """idx (B, T) token ids, targets (B, T) next tokens (-1 = ignore) or None.
-        Returns logits (B, T, V), the loss to optimise (None without targets) and a dict of statistics:
-        lm_loss, lb_loss, z_loss (each averaged over layers), expert_counts (n_layer, Er), pool_size."""
+        Returns (logits (B, T, V), None, stats) without targets, (None, loss to optimise, stats) with them
+        (the loss never holds all logits at once). stats: lb_loss, z_loss (averaged over layers),
+        expert_counts (n_layer, Er), pool_size, and lm_loss given targets."""
         B, T = idx.shape
         doc_ids = document_ids(idx, self.cfg.eos_id)  # (B, T)
         attn_mask = document_attention_mask(doc_ids) if self.cfg.doc_attention else None
@@ -204,20 +205,34 @@ class EMO(nn.Module):
         for block in self.layers:
             x, routing = block(x, cos, sin, attn_mask, doc_ids, token_routing)
             routings.append(routing)
-        logits = self.lm_head(self.norm(x)).float()  # (B, T, V)
         stats = {
             "lb_loss": torch.stack([r.lb_loss for r in routings]).mean(),
             "z_loss": torch.stack([r.z_loss for r in routings]).mean(),
             "expert_counts": torch.stack([r.expert_counts for r in routings]),
             "pool_size": torch.stack([r.pool_size for r in routings]).mean(),
         }
+        x = self.norm(x)
         if targets is None:
-            return logits, None, stats
-        stats["lm_loss"] = F.cross_entropy(logits.view(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-1)
+            return self.lm_head(x).float(), None, stats  # (B, T, V)
+        stats["lm_loss"], lm_z_loss = self.lm_losses(x.flatten(0, 1), targets.reshape(-1))
         loss = stats["lm_loss"] + self.cfg.lb_weight * stats["lb_loss"] + self.cfg.z_weight * stats["z_loss"]
         if self.cfg.lm_z_weight > 0:
-            loss = loss + self.cfg.lm_z_weight * torch.logsumexp(logits, dim=-1)[targets != -1].square().mean()
-        return logits, loss, stats
+            loss = loss + self.cfg.lm_z_weight * lm_z_loss
+        return None, loss, stats
+
+    def lm_losses(self, x, targets):
+        """Cross-entropy and LM-head z-loss (mean logsumexp^2), means over targets != -1. x (N, C).
+        The logits are made a chunk of tokens at a time: (N, V) float32 logits of a large vocabulary are big,
+        and on the CPU each allocation above glibc's mmap threshold (32 MB) costs fresh page faults."""
+        chunk = max(256, 2 ** 21 // self.cfg.vocab_size)
+        ce_sum, z_sum = 0.0, 0.0
+        for x_chunk, t_chunk in zip(x.split(chunk), targets.split(chunk)):
+            logits = self.lm_head(x_chunk).float()  # (chunk, V)
+            ce_sum = ce_sum + F.cross_entropy(logits, t_chunk, ignore_index=-1, reduction="sum")
+            if self.cfg.lm_z_weight > 0:
+                z_sum = z_sum + (torch.logsumexp(logits, dim=-1).square() * (t_chunk != -1)).sum()
+        n_targets = (targets != -1).sum().clamp(min=1)
+        return ce_sum / n_targets, z_sum / n_targets
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, sample_top_k=None):

@@ -6,7 +6,6 @@ metadata offsets, round trips of the tokenizers, and the BPE trainer's merges.
 
 import json
 import os
-import random
 
 import numpy as np
 import pytest
@@ -14,27 +13,12 @@ import pytest
 from data.prepare import build_corpus, split_documents
 from data.sources import group_small
 from data.tokenizer import count_chunks, load_tokenizer, train_bpe
+from tests.conftest import tiny_documents
 
 
-def tiny_documents(n=24):
-    """Four small domains with distinct scripts and symbols, every document unique."""
-    rng = random.Random(0)
-    words = {
-        "english": ["the", "light", "waters", "earth", "said", "and", "was", "good", "heaven"],
-        "german": ["Straße", "über", "größer", "Häuser", "schön", "Bücher", "weiß", "und", "für"],
-        "code": ["def", "return", "x", "+=", "self.", "(", "):", "\n    ", "None", "import"],
-        "math": ["∑", "x_i", "=", "\\frac{1}{2}", "∫", "dx", "π", "≤", "$", "\\alpha"],
-    }
-    return {domain: [f"{domain} {i}: " + " ".join(rng.choice(vocab) for _ in range(rng.randint(20, 120))) + "\n"
-                     for i in range(n)] for domain, vocab in words.items()}
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    out = tmp_path_factory.mktemp("corpus")
-    docs = tiny_documents()
-    meta = build_corpus(docs, str(out), tokenizer="bpe", vocab_size=320, n_val=4, n_calib=3, seed=7)
-    return out, docs, meta
+@pytest.fixture
+def corpus(tiny_corpus):
+    return tiny_corpus
 
 
 def read_bin(out, name, meta):

@@ -148,3 +148,19 @@ def test_generate_appends_tokens():
     model = EMO(tiny_config()).eval()
     out = model.generate(tokens()[:, :5], max_new_tokens=4, sample_top_k=5)
     assert out.shape == (2, 9) and torch.equal(out[:, :5], tokens()[:, :5])
+
+
+def test_chunked_lm_loss_equals_full_cross_entropy():
+    torch.manual_seed(0)
+    model = EMO(tiny_config(vocab_size=3000, lm_z_weight=1e-2, router="std"))  # chunks of 699 tokens
+    idx = torch.randint(1, 3000, (3, 600))
+    targets = idx.roll(-1, dims=1)
+    targets[:, -5:] = -1
+    logits, _, stats = model(idx)
+    _, loss, stats_t = model(idx, targets)
+    flat, t = logits.flatten(0, 1), targets.flatten()
+    ce = torch.nn.functional.cross_entropy(flat, t, ignore_index=-1)
+    z = torch.logsumexp(flat, -1)[t != -1].square().mean()
+    torch.testing.assert_close(stats_t["lm_loss"], ce)
+    expected = ce + 0.1 * stats["lb_loss"] + 0.001 * stats["z_loss"] + 1e-2 * z
+    torch.testing.assert_close(loss, expected)

@@ -1,0 +1,75 @@
+"""
+Checkpoints of nanoEMO: one torch file holding everything needed to rebuild a model, and for a training
+run to continue exactly where it stopped.
+
+    {"model_config": {...}, "model": state_dict, "step": int, ...}   # train.py adds optimizer, RNG, data
+                                                                      # position; prune.py adds "pruning"
+Written atomically: to a temporary file in the same directory, flushed to disk, then renamed over the old
+one, so a write killed half-way leaves the previous checkpoint intact.
+
+    save_checkpoint("out/emo_tiny/ckpt.pt", payload)
+    model, ckpt = load_model("out/emo_tiny")          # a directory or a file; model on the CPU in eval mode
+"""
+
+import dataclasses
+import os
+
+import torch
+
+from model import EMO, ModelConfig
+
+CHECKPOINT_NAME = "ckpt.pt"
+
+
+def save_checkpoint(path, payload):
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = path + ".tmp"
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(payload, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def checkpoint_path(path):
+    """A checkpoint file, or the ckpt.pt inside a run directory."""
+    file = os.path.join(path, CHECKPOINT_NAME) if os.path.isdir(path) else path
+    if not os.path.exists(file):
+        raise FileNotFoundError(f"checkpoint not found: {file}")
+    return file
+
+
+def load_checkpoint(path, map_location="cpu"):
+    file = checkpoint_path(path)
+    ckpt = torch.load(file, map_location=map_location, weights_only=False, mmap=True)
+    if not isinstance(ckpt, dict) or "model_config" not in ckpt or "model" not in ckpt:
+        raise ValueError(f"{file} is not a nanoEMO checkpoint (no model_config / model)")
+    return ckpt
+
+
+def check_shapes(model, state_dict, source):
+    """Refuse a state dict whose tensors do not fit the model, naming them."""
+    own = model.state_dict()
+    wrong = [f"{k}: {tuple(v.shape)} in {source}, {tuple(own[k].shape)} in the model"
+             for k, v in state_dict.items() if k in own and v.shape != own[k].shape]
+    missing, unexpected = own.keys() - state_dict.keys(), state_dict.keys() - own.keys()
+    if wrong or missing or unexpected:
+        raise ValueError(f"checkpoint of another shape: {'; '.join(wrong[:4])}"
+                         f"{' missing ' + ', '.join(sorted(missing)[:4]) if missing else ''}"
+                         f"{' unexpected ' + ', '.join(sorted(unexpected)[:4]) if unexpected else ''}")
+
+
+def load_model(path, device="cpu", **config_overrides):
+    """The model of a checkpoint, in eval mode. config_overrides change non-shape fields (pool_eval, ...)."""
+    ckpt = load_checkpoint(path)
+    cfg = dataclasses.replace(ModelConfig(**ckpt["model_config"]), **config_overrides)
+    with torch.device("meta"):
+        model = EMO(cfg)
+    model.to_empty(device=device)
+    check_shapes(model, ckpt["model"], checkpoint_path(path))
+    model.load_state_dict(ckpt["model"])
+    return model.eval(), ckpt

@@ -1,0 +1,184 @@
+"""Training-loop tests: exact resume, atomic checkpoints, NaN stop, bad inputs, configs, data windows,
+and 2-process DDP / FSDP2 runs (gloo on CPU) against a single-process run.
+
+    python -m pytest tests/test_train.py -q
+"""
+
+import dataclasses
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import checkpoint
+from configurator import ConfigError, parse_args
+from data.corpus import TrainWindows
+from model import EMO, ModelConfig
+from tests.conftest import tiny_run
+from train import TrainConfig, learning_rate, train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def flat_params(model):
+    return torch.cat([p.detach().flatten() for p in model.parameters()])
+
+
+def test_resume_reproduces_an_uninterrupted_run(tiny_corpus, tmp_path):
+    data_dir = tiny_corpus[0]
+    straight, straight_history = train(tiny_run(data_dir, tmp_path / "a"))
+    train(tiny_run(data_dir, tmp_path / "b", "--stop_after=3"))
+    resumed, resumed_history = train(tiny_run(data_dir, tmp_path / "b", "--init_from=resume"))
+    assert [r["step"] for r in resumed_history] == [4, 5, 6]
+    assert [r["loss"] for r in straight_history[3:]] == [r["loss"] for r in resumed_history]
+    assert torch.equal(flat_params(straight), flat_params(resumed))
+    log = open(tmp_path / "b" / "log.txt").read()
+    assert "step 00003" in log and "initialised from resume at step 3" in log and "val loss" in log
+
+
+def test_killed_write_leaves_previous_checkpoint(tmp_path, monkeypatch):
+    path = str(tmp_path / "ckpt.pt")
+    checkpoint.save_checkpoint(path, {"model_config": {}, "model": {"w": torch.ones(3)}, "step": 1})
+
+    def dies_half_way(obj, f):
+        f.write(b"PK\x03\x04 partial bytes")
+        raise KeyboardInterrupt  # the process is killed during the write
+
+    monkeypatch.setattr(torch, "save", dies_half_way)
+    with pytest.raises(KeyboardInterrupt):
+        checkpoint.save_checkpoint(path, {"model_config": {}, "model": {"w": torch.zeros(3)}, "step": 2})
+    monkeypatch.undo()
+    ckpt = checkpoint.load_checkpoint(path)
+    assert ckpt["step"] == 1 and torch.equal(ckpt["model"]["w"], torch.ones(3))
+    assert os.listdir(tmp_path) == ["ckpt.pt"]
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny_corpus, tmp_path):
+    out = tmp_path / "run"
+    train(tiny_run(tiny_corpus[0], out, "--stop_after=3"))
+    ckpt_file = out / "ckpt.pt"
+    ckpt = torch.load(ckpt_file, weights_only=False)
+    ckpt["model"]["lm_head.weight"][0, 0] = float("nan")
+    torch.save(ckpt, ckpt_file)
+    before = open(ckpt_file, "rb").read()
+    with pytest.raises(FloatingPointError, match="non-finite loss"):
+        train(tiny_run(tiny_corpus[0], out, "--init_from=resume"))
+    assert open(ckpt_file, "rb").read() == before
+    assert "stopping without saving" in open(out / "log.txt").read()
+
+
+@pytest.mark.parametrize("extra,error,message", [
+    (["--no_such_key=1"], ConfigError, "no_such_key"),
+    (["--max_step=5"], ConfigError, "did you mean 'max_steps'"),
+    (["--max_steps=many"], ConfigError, "max_steps must be int"),
+    (["--vocab_size=100"], ValueError, "eos_id 319 outside the vocabulary 100"),
+    (["--vocab_size=100", "--eos_id=5"], ValueError, "vocab_size 100 < corpus vocabulary 320"),
+    (["--eos_id=5"], ValueError, "eos_id 5 != corpus EOS 319"),
+    (["--init_from=resume"], FileNotFoundError, "no .*ckpt.pt"),
+    (["--train_files=/no/such/shard-*.npy"], FileNotFoundError, "no training file matches"),
+])
+def test_bad_inputs_are_clear_errors_and_write_nothing(tiny_corpus, tmp_path, extra, error, message):
+    out = tmp_path / "never"
+    with pytest.raises(error, match=message):
+        train(tiny_run(tiny_corpus[0], out, *extra))
+    assert not out.exists()
+
+
+def test_missing_corpus_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="run `python -m data.prepare`"):
+        train(tiny_run(tmp_path / "no_corpus", tmp_path / "out"))
+    assert not (tmp_path / "out").exists()
+
+
+def test_checkpoint_of_another_shape_is_refused(tiny_corpus, tmp_path):
+    train(tiny_run(tiny_corpus[0], tmp_path / "a", "--stop_after=1"))
+    with pytest.raises(ValueError, match="checkpoint of another shape: .*w_up_gate"):
+        train(tiny_run(tiny_corpus[0], tmp_path / "b", f"--init_from={tmp_path / 'a'}", "--expert_hidden=8"))
+
+
+def test_fine_tune_from_checkpoint_starts_at_its_weights(tiny_corpus, tmp_path):
+    first, _ = train(tiny_run(tiny_corpus[0], tmp_path / "a", "--stop_after=2"))
+    second, history = train(tiny_run(tiny_corpus[0], tmp_path / "b", f"--init_from={tmp_path / 'a'}",
+                                     "--max_steps=1", "--lr=0"))
+    assert history[0]["step"] == 1 and torch.equal(flat_params(first), flat_params(second))
+
+
+def test_learning_rate_schedule():
+    cfg = TrainConfig(lr=1.0, warmup_steps=10, max_steps=110, min_lr_ratio=0.1)
+    assert learning_rate(0, cfg) == pytest.approx(1 / 11)
+    assert learning_rate(9, cfg) == pytest.approx(10 / 11)
+    assert learning_rate(10, cfg) == pytest.approx(1.0)
+    assert learning_rate(60, cfg) == pytest.approx(0.55)
+    assert learning_rate(110, cfg) == pytest.approx(0.1)
+
+
+def test_windows_are_the_same_for_any_number_of_ranks(tmp_path):
+    tokens = np.arange(5000, dtype=np.uint32)
+    raw, with_header = tmp_path / "raw.npy", tmp_path / "header.npy"
+    tokens.tofile(raw)
+    np.save(with_header, tokens)
+    files = [str(raw), str(with_header)]
+    single = TrainWindows(files, np.uint32, seq_len=16, batch_size=6, seed=3)
+    ranks = [TrainWindows(files, np.uint32, seq_len=16, batch_size=3, seed=3, rank=r, world=2) for r in (0, 1)]
+    for _ in range(3):
+        x, y = single.next_batch()
+        parts = [w.next_batch() for w in ranks]
+        assert torch.equal(x, torch.cat([p[0] for p in parts])) and torch.equal(y, torch.cat([p[1] for p in parts]))
+        assert torch.equal(y[:, :-1], x[:, 1:]) and (y[:, -1] == x[:, -1] + 1).all()  # consecutive tokens
+    state = single.state_dict()
+    expected = single.next_batch()[0]
+    single.load_state_dict(state)
+    assert torch.equal(single.next_batch()[0], expected)
+
+
+CONFIGS = ["emo_tiny", "std_tiny", "emo_small", "std_small", "emo_full", "stdmoe_full"]
+
+
+@pytest.mark.parametrize("emo,std", [("emo_tiny", "std_tiny"), ("emo_small", "std_small"), ("emo_full", "stdmoe_full")])
+def test_twin_configs_differ_only_in_router(emo, std):
+    (train_a, model_a), _ = parse_args([f"{ROOT}/config/{emo}.py"], TrainConfig, ModelConfig)
+    (train_b, model_b), _ = parse_args([f"{ROOT}/config/{std}.py"], TrainConfig, ModelConfig)
+    assert dataclasses.replace(model_b, router="emo") == model_a and model_a.router == "emo"
+    assert dataclasses.replace(train_b, out_dir=train_a.out_dir) == train_a
+
+
+def test_full_config_parameter_counts():
+    (_, model_cfg), _ = parse_args([f"{ROOT}/config/emo_full.py"], TrainConfig, ModelConfig)
+    with torch.device("meta"):
+        model = EMO(model_cfg)
+    total, active = model.num_params()
+    embeddings = 2 * model_cfg.vocab_size * model_cfg.d_model  # input embedding + LM head
+    print(f"emo_full: {total / 1e9:.3f}B total, {active / 1e9:.3f}B active "
+          f"({(active - embeddings) / 1e9:.3f}B without embedding and LM head)")
+    assert total == pytest.approx(13.57e9, rel=1e-3)
+    assert active - embeddings == pytest.approx(1.08e9, rel=1e-2)
+
+
+def run_distributed(parallel, data_dir, out_dir, result, *extra):
+    env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+               f"{ROOT}/tests/distributed_worker.py", str(result),
+               *tiny_run(data_dir, out_dir, "--router=std", "--batch_size=2", f"--parallel={parallel}", *extra)]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return torch.load(result)
+
+
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_two_ranks_match_one_process_on_the_same_global_batch(tiny_corpus, tmp_path, parallel):
+    """2 ranks x 2 sequences == 1 process x 4 sequences from the same weights: the data split and the global
+    load-balancing loss (expert counts all-reduced) make the two runs compute the same gradients.
+    (Both start from a checkpoint: FSDP initialises its shards with random streams of its own.)"""
+    data_dir = tiny_corpus[0]
+    train(tiny_run(data_dir, tmp_path / "init", "--router=std", "--stop_after=1"))
+    start = f"--init_from={tmp_path / 'init'}"
+    result = run_distributed(parallel, data_dir, tmp_path / "dist", tmp_path / "result.pt", start)
+    assert result["ranks_max_diff"] == 0.0  # every rank holds the same parameters
+    single, history = train(tiny_run(data_dir, tmp_path / "single", "--router=std", "--batch_size=4", start))
+    assert result["losses"] == pytest.approx([r["loss"] for r in history], rel=1e-5)
+    assert result["lb"] == pytest.approx([r["lb_loss"] for r in history], rel=1e-5)
+    torch.testing.assert_close(result["params"], flat_params(single), rtol=1e-4, atol=1e-5)
+    assert os.path.exists(tmp_path / "dist" / "ckpt.pt")
