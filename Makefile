@@ -1,10 +1,15 @@
 # nanoEMO's two commands: `make demo` (the main job) and `make test` (the tests).
 # Both install the pinned requirements into .venv first (once, again when requirements.txt changes).
+#   make demo: prepare the corpus, train emo_tiny and std_tiny side by side (one core each), then prune
+#              every domain at 100/50/25/12.5% of the experts and evaluate: out/sweep_tiny/ (table, plots).
+#              Safe to interrupt: run it again and each step resumes or is skipped once done.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
+SHELL := bash
+.SHELLFLAGS := -eo pipefail -c
 
-.PHONY: test
+.PHONY: test demo corpus train-emo_tiny train-std_tiny
 
 $(VENV)/installed: requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -13,3 +18,15 @@ $(VENV)/installed: requirements.txt
 
 test: $(VENV)/installed
 	$(PY) -m pytest -q
+
+corpus: $(VENV)/installed
+	test -f data/multidomain/meta.json || $(PY) -m data.prepare
+
+# resume when a checkpoint exists (a finished run then does nothing); one thread each, two runs at once
+train-%: corpus
+	OMP_NUM_THREADS=1 $(PY) train.py config/$*.py $$(test -f out/$*/ckpt.pt && echo --init_from=resume) \
+		| sed -u 's/^/[$*] /'
+
+demo: corpus
+	$(MAKE) -j2 train-emo_tiny train-std_tiny
+	$(PY) eval.py --sweep --ckpt out/emo_tiny,out/std_tiny --out out/sweep_tiny

@@ -1,17 +1,34 @@
 """
 Per-domain quality of a model on held-out documents: loss, perplexity and next-token accuracy, routing
-token by token (no pool), as the release does at inference.
+token by token (no pool), as the release does at inference. With --sweep, the paper's experiment: prune
+each model for each domain at several fractions of experts kept (prune.py), evaluate, and write the
+retention table and curves (EMO vs the standard MoE) and a heatmap of expert usage per domain.
+
+    python eval.py --ckpt out/emo_tiny
+    python eval.py --ckpt out/emo_tiny/pruned/python-keep2-greedy.pt
+    python eval.py --sweep --ckpt out/emo_tiny,out/std_tiny --keep 1.0,0.5,0.25,0.125 --out out/sweep_tiny
 
 A domain's validation documents are laid back to back and cut into windows of seq_len + 1 tokens (every
-token is predicted once); the last window is padded and its padding ignored.
+token is predicted once); the last window is padded and its padding ignored. Only validation documents
+are scored; prune.py calibrates on the separate calibration documents.
 """
 
+import argparse
+import copy
+import csv
+import json
 import math
+import os
 
 import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from tqdm import tqdm
+
+from checkpoint import checkpoint_path, load_model
+from data.corpus import Corpus
+from prune import METHODS, calibration_batches, expert_scores, parse_keep, prune
 
 
 def domain_windows(tokens, seq_len, max_tokens):
@@ -70,3 +87,195 @@ def evaluate_domains(model, corpus, split, seq_len, batch_size, max_tokens, devi
         x, y = domain_windows(corpus.domain_tokens(split, domain), seq_len, max_tokens)
         results[domain] = summarize(evaluate_windows(model, x, y, batch_size, device, autocast_dtype))
     return results
+
+
+
+def model_name(path):
+    """A short label for a checkpoint: its run directory's name (out/emo_tiny -> emo_tiny)."""
+    path = os.path.normpath(path)
+    return os.path.basename(os.path.dirname(path) if path.endswith(".pt") else path)
+
+
+@torch.no_grad()
+def expert_usage(model, corpus, max_tokens):
+    """Mean router probability of each routed expert on each domain's validation tokens (full model, token
+    routing): (n_domains, n_layer, Er). Domain-specific rows are EMO's semantic specialisation."""
+    usage = []
+    for domain in corpus.domains:
+        x, _ = domain_windows(corpus.domain_tokens("val", domain), model.cfg.seq_len, max_tokens)
+        usage.append(torch.stack(expert_scores(model, [row[None] for row in x], "global")))
+    return torch.stack(usage)
+
+
+def sweep(paths, corpus, fractions, method, calib_docs, max_tokens, batch_size):
+    """Prune every model for every domain at every kept fraction (calibrating on the domain's calibration
+    documents) and evaluate it on the domain's validation documents. Returns result rows, with changes
+    relative to the full model, and {model name: expert usage}."""
+    full_models = {model_name(path): load_model(path)[0] for path in paths}
+    rows = []
+    jobs = [(name, domain) for name in full_models for domain in corpus.domains]
+    for name, domain in tqdm(jobs, desc="sweep (model x domain)"):
+        full = full_models[name]
+        batches = calibration_batches(corpus, domain, calib_docs, full.cfg.seq_len)
+        base = None
+        for fraction in sorted(fractions, reverse=True):  # 1.0 first: the reference for the changes
+            keep = parse_keep(repr(float(fraction)), full.cfg.n_experts, full.cfg.n_shared)
+            model = copy.deepcopy(full)
+            if keep < full.cfg.n_experts:
+                prune(model, batches, keep, method)
+            result = evaluate_domains(model, corpus, "val", model.cfg.seq_len, batch_size, max_tokens,
+                                      torch.device("cpu"), domains=[domain])[domain]
+            base = base or result
+            rows.append({"model": name, "domain": domain, "keep": keep, "fraction": fraction, **result,
+                         "d_loss": result["loss"] - base["loss"], "d_loss_rel": result["loss"] / base["loss"] - 1,
+                         "d_accuracy": result["accuracy"] - base["accuracy"]})
+    usage = {name: expert_usage(model, corpus, max_tokens) for name, model in full_models.items()}
+    return rows, usage
+
+
+def averages(rows):
+    """Rows averaged over domains: {(model, fraction): {loss, accuracy, d_loss, d_loss_rel, d_accuracy, keep}}."""
+    groups = {}
+    for r in rows:
+        groups.setdefault((r["model"], r["fraction"]), []).append(r)
+    keys = ("loss", "accuracy", "d_loss", "d_loss_rel", "d_accuracy")
+    return {k: {**{key: sum(r[key] for r in g) / len(g) for key in keys}, "keep": g[0]["keep"]}
+            for k, g in groups.items()}
+
+
+def markdown_table(rows):
+    """Average over domains per model and fraction kept, then the loss change per domain."""
+    avg = averages(rows)
+    models = list(dict.fromkeys(r["model"] for r in rows))
+    fractions = sorted({r["fraction"] for r in rows}, reverse=True)
+    domains = list(dict.fromkeys(r["domain"] for r in rows))
+    head = "| experts kept | " + " | ".join(f"{m} loss (change) | {m} accuracy (change)" for m in models) + " |"
+    lines = ["Average over domains:", "", head, "|---" * (1 + 2 * len(models)) + "|"]
+    for f in fractions:
+        cells = []
+        for m in models:
+            a = avg[(m, f)]
+            cells += [f"{a['loss']:.3f} ({a['d_loss']:+.3f}, {a['d_loss_rel']:+.1%})",
+                      f"{a['accuracy']:.1%} ({100 * a['d_accuracy']:+.1f} pt)"]
+        lines.append(f"| {avg[(models[0], f)]['keep']} ({f:.1%}) | " + " | ".join(cells) + " |")
+    lines += ["", "Loss change per domain (pruned for that domain vs the full model):", "",
+              "| model | experts kept | " + " | ".join(domains) + " |", "|---|---" + "|---" * len(domains) + "|"]
+    by_key = {(r["model"], r["fraction"], r["domain"]): r for r in rows}
+    for m in models:
+        for f in fractions[1:]:
+            lines.append(f"| {m} | {f:.1%} | " + " | ".join(f"{by_key[(m, f, d)]['d_loss']:+.3f}" for d in domains)
+                         + " |")
+    return "\n".join(lines)
+
+
+def plot_retention(rows, path, metric):
+    """Quality vs fraction of experts kept: one panel per domain and one for the average, a line per model."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    domains = list(dict.fromkeys(r["domain"] for r in rows)) + ["average"]
+    models = list(dict.fromkeys(r["model"] for r in rows))
+    avg = averages(rows)
+    cols = 3
+    fig, axes = plt.subplots(math.ceil(len(domains) / cols), cols, figsize=(12, 3.2 * math.ceil(len(domains) / cols)),
+                             squeeze=False)
+    for ax, domain in zip(axes.flat, domains):
+        for m in models:
+            if domain == "average":
+                points = sorted((f, a[metric]) for (mm, f), a in avg.items() if mm == m)
+            else:
+                points = sorted((r["fraction"], r[metric]) for r in rows if r["model"] == m and r["domain"] == domain)
+            ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=m)
+        ax.set_xscale("log", base=2)
+        ax.set_title(domain, fontweight="bold" if domain == "average" else "normal")
+        ax.set_xlabel("fraction of experts kept")
+        ax.set_ylabel("validation " + metric)
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(domains):]:
+        ax.axis("off")
+    axes.flat[0].legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_usage(usage, domains, path):
+    """Heatmaps of expert usage: a row of layers per model, each a (domain x expert) map of mean router
+    probability. Domain-specific experts show as bright cells alone in their column."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    models = list(usage)
+    n_layer = usage[models[0]].shape[1]
+    fig, axes = plt.subplots(len(models), n_layer, figsize=(3.2 * n_layer, 2.6 * len(models)), squeeze=False)
+    for row, m in enumerate(models):
+        for layer in range(n_layer):
+            ax = axes[row, layer]
+            n_routed = usage[m].shape[2]
+            ax.imshow(usage[m][:, layer].numpy(), aspect="auto", cmap="viridis")
+            ax.set_title(f"{m}, layer {layer}", fontsize=9)
+            ax.set_yticks(range(len(domains)))
+            ax.set_yticklabels(domains if layer == 0 else [], fontsize=8)
+            ax.set_xticks(range(0, n_routed, max(1, n_routed // 8)))
+            ax.set_xlabel("routed expert", fontsize=8)
+    fig.suptitle("mean router probability per domain (brighter = more used; each panel its own scale)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_sweep(rows, usage, domains, out_dir):
+    os.makedirs(out_dir, exist_ok=True)
+    table = markdown_table(rows)
+    with open(os.path.join(out_dir, "table.md"), "w") as f:
+        f.write(table + "\n")
+    with open(os.path.join(out_dir, "results.json"), "w") as f:
+        json.dump(rows, f, indent=1)
+    with open(os.path.join(out_dir, "results.csv"), "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    plot_retention(rows, os.path.join(out_dir, "retention_loss.png"), "loss")
+    plot_retention(rows, os.path.join(out_dir, "retention_accuracy.png"), "accuracy")
+    plot_usage(usage, domains, os.path.join(out_dir, "expert_usage.png"))
+    return table
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--ckpt", required=True, help="checkpoint(s): files or run directories, comma-separated")
+    parser.add_argument("--data_dir", default="data/multidomain")
+    parser.add_argument("--max_tokens", type=int, default=16384, help="validation tokens per domain")
+    parser.add_argument("--batch_size", type=int, default=16)
+    parser.add_argument("--sweep", action="store_true", help="prune + evaluate every domain at every --keep")
+    parser.add_argument("--keep", default="1.0,0.5,0.25,0.125", help="fractions of experts kept (sweep)")
+    parser.add_argument("--method", default="greedy", choices=METHODS)
+    parser.add_argument("--calib_docs", type=int, default=16)
+    parser.add_argument("--out", default="out/sweep", help="where the sweep writes its table and plots")
+    args = parser.parse_args(argv)
+    paths = args.ckpt.split(",")
+    corpus = Corpus(args.data_dir)
+    for path in paths:  # fail before any work: missing checkpoints, another vocabulary
+        checkpoint_path(path)
+    if not args.sweep:
+        for path in paths:
+            model, _ = load_model(path)
+            corpus.check_model(model.cfg.vocab_size, model.cfg.eos_id)
+            results = evaluate_domains(model, corpus, "val", model.cfg.seq_len, args.batch_size, args.max_tokens,
+                                       torch.device("cpu"))
+            print(f"{model_name(path)}: {model.cfg.n_experts} experts, top {model.cfg.top_k}")
+            print(f"{'domain':<12}{'loss':>8}{'ppl':>10}{'accuracy':>10}{'tokens':>9}")
+            for domain, r in results.items():
+                print(f"{domain:<12}{r['loss']:>8.3f}{r['perplexity']:>10.2f}{r['accuracy']:>10.1%}{r['tokens']:>9}")
+        return
+    fractions = [float(f) for f in args.keep.split(",")]
+    if 1.0 not in fractions:
+        raise ValueError("--keep must include 1.0: the changes are relative to the full model")
+    rows, usage = sweep(paths, corpus, fractions, args.method, args.calib_docs, args.max_tokens, args.batch_size)
+    print(write_sweep(rows, usage, corpus.domains, args.out))
+    print(f"wrote {args.out}/table.md, results.csv, results.json, retention_loss.png, retention_accuracy.png, "
+          "expert_usage.png")
+
+
+if __name__ == "__main__":
+    main()

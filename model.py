@@ -195,7 +195,7 @@ class EMO(nn.Module):
         """idx (B, T) token ids, targets (B, T) next tokens (-1 = ignore) or None.
         Returns (logits (B, T, V), None, stats) without targets, (None, loss to optimise, stats) with them
         (the loss never holds all logits at once). stats: lb_loss, z_loss (averaged over layers),
-        expert_counts (n_layer, Er), pool_size, and lm_loss given targets."""
+        expert_counts (one (Er,) tensor per layer), pool_size, and lm_loss given targets."""
         B, T = idx.shape
         doc_ids = document_ids(idx, self.cfg.eos_id)  # (B, T)
         attn_mask = document_attention_mask(doc_ids) if self.cfg.doc_attention else None
@@ -208,7 +208,7 @@ class EMO(nn.Module):
         stats = {
             "lb_loss": torch.stack([r.lb_loss for r in routings]).mean(),
             "z_loss": torch.stack([r.z_loss for r in routings]).mean(),
-            "expert_counts": torch.stack([r.expert_counts for r in routings]),
+            "expert_counts": [r.expert_counts for r in routings],  # a list: pruned layers may differ in size
             "pool_size": torch.stack([r.pool_size for r in routings]).mean(),
         }
         x = self.norm(x)

@@ -109,13 +109,16 @@ class Router(nn.Module):
             return torch.full((n,), self.pool_eval, device=device)
         return None
 
+    def logits(self, x):
+        """Router logits of the routed experts, float32: x (N, C) -> (N, Er). Shared experts take no part."""
+        with torch.autocast(x.device.type, enabled=False):  # router logits in float32 (emo.md step 1)
+            return F.linear(x.float(), self.gate.weight[: self.n_routed].float())
+
     def forward(self, x, doc_ids, token_routing=False):
         """x (N, C) token states, doc_ids (N,) document ids from document_ids(). token_routing=True
         ignores pools (inference as in the release). Returns a Routing."""
         N = x.shape[0]
-        with torch.autocast(x.device.type, enabled=False):  # router logits in float32 (emo.md step 1)
-            logits = F.linear(x.float(), self.gate.weight.float())  # (N, E)
-        routed_logits = logits[:, : self.n_routed]  # (N, Er) shared experts take no part in routing
+        routed_logits = self.logits(x)  # (N, Er)
         sizes = None if token_routing else self.pool_sizes(N, x.device)
         pool_size = torch.tensor(float(self.n_routed), device=x.device)
         masked_logits = routed_logits

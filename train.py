@@ -265,7 +265,7 @@ class Run:
             group["lr"] = lr
         model.train()
         sums = torch.zeros(5, device=device)  # loss, lm, lb, z, pool size, summed over micro-batches
-        counts = 0  # (n_layer, Er) tokens per routed expert
+        counts = [0] * self.model_cfg.n_layer  # per layer, (Er,) tokens per routed expert
         for micro in range(cfg.grad_accum):
             x, y = (t.to(device, non_blocking=True) for t in self.windows.next_batch())
             sync = micro == cfg.grad_accum - 1  # reduce gradients on the last micro-batch only
@@ -278,7 +278,7 @@ class Run:
             (loss / cfg.grad_accum).backward()
             sums += torch.stack([loss.detach()] + [stats[k].detach() for k in ("lm_loss", "lb_loss", "z_loss",
                                                                              "pool_size")])
-            counts = counts + stats["expert_counts"]
+            counts = [total + c for total, c in zip(counts, stats["expert_counts"])]
         sums /= cfg.grad_accum
         if self.world > 1:
             dist.all_reduce(sums)
@@ -291,7 +291,7 @@ class Run:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
-        imbalance = (counts.max(1).values / counts.mean(1).clamp(min=1)).mean()  # max/mean tokens per expert
+        imbalance = torch.stack([c.max() / c.mean().clamp(min=1) for c in counts]).mean()  # max/mean per expert
         values = torch.cat([sums, torch.stack([grad_norm.float(), imbalance])]).tolist()  # one host sync
         record = dict(zip(["loss", "lm_loss", "lb_loss", "z_loss", "pool_size", "grad_norm", "imbalance"], values))
         return {"step": self.step, "lr": lr, **record}
@@ -385,6 +385,8 @@ def train(argv):
 def main():
     try:
         train(sys.argv[1:])
+        if dist.is_initialized():
+            dist.barrier()  # leave together: gloo can abort a rank whose peer tears down first
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

@@ -1,4 +1,5 @@
-# EMO at toy size for one CPU core (the demo trains it and std_tiny.py side by side): ~10 min. Its twin std_tiny.py differs only in the router.
+# EMO at toy size for one CPU core (the demo trains it and std_tiny.py side by side): ~10 min.
+# Its twin std_tiny.py differs only in the router.
 # python train.py config/emo_tiny.py
 out_dir = "out/emo_tiny"
 data_dir = "data/multidomain"

@@ -38,3 +38,15 @@ def tiny_run(data_dir, out_dir, *extra):
     return [*TINY_MODEL, f"--data_dir={data_dir}", f"--out_dir={out_dir}", "--batch_size=4", "--max_steps=6",
             "--warmup_steps=2", "--eval_interval=3", "--eval_tokens=128", "--log_interval=1",
             "--checkpoint_interval=3", *extra]
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoints(tiny_corpus, tmp_path_factory):
+    """{'emo': run directory, 'std': run directory} of two tiny models trained for 6 steps."""
+    from train import train
+    runs = {}
+    for router in ("emo", "std"):
+        out = tmp_path_factory.mktemp(f"{router}_run")
+        train(tiny_run(tiny_corpus[0], out, f"--router={router}", "--eval_interval=0"))
+        runs[router] = str(out)
+    return runs

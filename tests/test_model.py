@@ -87,7 +87,7 @@ def test_gradients_reach_used_experts_and_router():
     idx = tokens()
     _, loss, stats = model(idx, idx)
     loss.backward()
-    counts = stats["expert_counts"]  # (n_layer, Er) tokens per routed expert
+    counts = stats["expert_counts"]  # per layer, (Er,) tokens per routed expert
     for layer, block in enumerate(model.layers):
         moe = block.moe
         assert moe.router.gate.weight.grad.abs().sum() > 0
@@ -102,9 +102,9 @@ def test_stats_shapes_and_pool_sizes():
     model = EMO(tiny_config())
     idx = tokens()
     _, _, stats = model(idx, idx)
-    assert stats["expert_counts"].shape == (2, 7)
+    assert [c.shape for c in stats["expert_counts"]] == [(7,), (7,)]
     # counts: every token has 2 routed picks, minus those of weight 0 (pools smaller than 2 experts)
-    assert stats["expert_counts"].sum(1).le(2 * idx.numel()).all()
+    assert all(c.sum() <= 2 * idx.numel() for c in stats["expert_counts"])
     assert 2 <= stats["pool_size"].item() <= 7
     model.eval()
     assert model(idx, idx)[2]["pool_size"].item() == 7

@@ -1,0 +1,187 @@
+"""
+Selective expert use (../shared/docs/emo.md, "Selective expert use"): run a model on a few calibration
+documents of one domain, score every routed expert of every layer, keep the best and slice the rest away,
+so that the model written is physically smaller. The shared expert is always kept and counts in --keep;
+top_k becomes min(top_k, kept).
+
+    python prune.py --ckpt out/emo_tiny --domain python --keep 0.125       # 2 of 16 experts per layer
+    python prune.py --ckpt out/emo_tiny --domain math --keep 4 --method global --calib_docs 1
+
+--keep is a fraction of the original model's experts (with a decimal point: 0.25, 1.0) or a count (4).
+Methods (scores per routed expert, averaged over the calibration tokens):
+    greedy     the release's default: layers in order, layer l scored by its mean router probability with
+               layers < l already pruned
+    global     mean router probability, all layers from one pass of the full model
+    frequency  how often the expert is among a token's top-k
+    easy_ep    EASY-EP: routing weight x expert output norm x (1 - cos(h, h + moe_out)) of the token
+    random     a random choice (a control)
+Writes OUT.pt (a checkpoint like any other: eval.py evaluates it, train.py fine-tunes it with
+--init_from=OUT.pt) and OUT.json, the experts kept per layer (original ids) and their scores.
+"""
+
+import argparse
+import dataclasses
+import json
+import os
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from checkpoint import load_model, save_checkpoint
+from data.corpus import Corpus
+from kernels import swiglu
+
+METHODS = ("greedy", "global", "frequency", "easy_ep", "random")
+
+
+def parse_keep(text, n_original, n_shared):
+    """'0.125' (a fraction of the original experts) or '4' (a count) -> experts to keep, shared included."""
+    if "." in text:
+        fraction = float(text)
+        if not 0 < fraction <= 1:
+            raise ValueError(f"--keep {text}: a fraction must be in (0, 1]")
+        keep = round(fraction * n_original)
+    else:
+        keep = int(text)
+    if keep < 1:
+        raise ValueError(f"--keep {text} keeps {keep} experts: at least 1 is needed")
+    if keep <= n_shared:
+        raise ValueError(f"--keep {text} keeps {keep} experts, no more than the {n_shared} shared: "
+                         "keep at least one routed expert")
+    if keep > n_original:
+        raise ValueError(f"--keep {text}: the model has only {n_original} experts")
+    return keep
+
+
+def calibration_batches(corpus, domain, n_docs, seq_len):
+    """The first n_docs calibration documents of a domain, each its own (1, T <= seq_len) batch."""
+    docs = corpus.documents("calib", domain)
+    if n_docs > len(docs):
+        raise ValueError(f"--calib_docs {n_docs}: the corpus has {len(docs)} calibration documents of {domain!r}")
+    return [torch.from_numpy(doc[:seq_len].astype("int64"))[None] for doc in docs[:n_docs]]
+
+
+@torch.no_grad()
+def expert_scores(model, batches, method):
+    """Score every routed expert of every layer on the calibration batches: a list of (Er,) tensors."""
+    captured = {}  # per layer: the residual stream entering the MoE and the MoE's (input, output, routing)
+    hooks = []
+    for i, block in enumerate(model.layers):
+        hooks.append(block.moe_norm.register_forward_pre_hook(
+            lambda module, args, i=i: captured.__setitem__(("residual", i), args[0])))
+        hooks.append(block.moe.register_forward_hook(
+            lambda module, args, output, i=i: captured.__setitem__(("moe", i), (args[0], *output))))
+    totals = [torch.zeros(block.moe.router.n_routed) for block in model.layers]
+    n_tokens = 0
+    try:
+        for idx in batches:
+            model(idx, token_routing=True)
+            n_tokens += idx.numel()
+            for i, block in enumerate(model.layers):
+                moe_input, moe_output, routing = captured[("moe", i)]
+                totals[i] += layer_score(block.moe, captured[("residual", i)], moe_input, moe_output, routing, method)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return [t / n_tokens for t in totals]
+
+
+def layer_score(moe, residual, moe_input, moe_output, routing, method):
+    """Summed score over one batch's tokens for each routed expert of one layer: (Er,)."""
+    router = moe.router
+    h = moe_input.flatten(0, 1)  # (N, C)
+    if method in ("greedy", "global"):
+        return router.logits(h).softmax(-1).sum(0)
+    kr = router.k_routed
+    chosen, weights = routing.experts[:, :kr], routing.weights[:, :kr]  # (N, kr)
+    if method == "frequency":
+        return torch.zeros(router.n_routed).index_add_(0, chosen.flatten(), (weights > 0).flatten().float())
+    # EASY-EP: how much the MoE changes the token's direction, times each expert's weighted output norm
+    x = residual.flatten(0, 1)  # (N, C)
+    importance = 1 - F.cosine_similarity(x, x + moe_output.flatten(0, 1), dim=-1)  # (N,)
+    scores = torch.zeros(router.n_routed)
+    for e in range(router.n_routed):
+        token, slot = (chosen == e).nonzero(as_tuple=True)
+        if len(token):
+            out = swiglu(h[token] @ moe.w_up_gate[e]) @ moe.w_down[e]  # (n_e, C)
+            scores[e] = (weights[token, slot] * out.norm(dim=-1) * importance[token]).sum()
+    return scores
+
+
+def prune_layer(moe, routed_ids):
+    """Keep the routed experts routed_ids (sorted, layer-local) and the shared ones; slice the rest away."""
+    router = moe.router
+    keep = torch.cat([routed_ids, torch.arange(router.n_routed, router.n_routed + router.n_shared)])
+    router.gate.weight = nn.Parameter(router.gate.weight.data[keep].clone())
+    moe.w_up_gate = nn.Parameter(moe.w_up_gate.data[keep].clone())
+    moe.w_down = nn.Parameter(moe.w_down.data[keep].clone())
+    router.n_routed = len(routed_ids)
+    router.k_routed = min(router.k_routed, len(routed_ids))
+
+
+def prune(model, batches, keep, method, seed=0):
+    """Prune model in place to keep experts per layer (shared included). Returns, per layer, the kept
+    routed experts (layer-local ids before pruning) and every routed expert's score."""
+    n_routed = keep - model.cfg.n_shared
+    layers = []
+    if method in ("global", "frequency", "easy_ep"):
+        all_scores = expert_scores(model, batches, method)
+    for i, block in enumerate(model.layers):
+        if method == "random":
+            scores = torch.rand(block.moe.router.n_routed, generator=torch.Generator().manual_seed(seed + i))
+        elif method == "greedy":  # scored with the layers before it already pruned
+            scores = expert_scores(model, batches, method)[i]
+        else:
+            scores = all_scores[i]
+        kept = scores.topk(n_routed).indices.sort().values
+        layers.append({"kept": kept.tolist(), "scores": [round(s, 6) for s in scores.tolist()]})
+        prune_layer(block.moe, kept)  # before the next layer is scored (what makes greedy layer-wise)
+    model.cfg = dataclasses.replace(model.cfg, n_experts=keep, top_k=min(model.cfg.top_k, keep))
+    return layers
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--ckpt", required=True, help="checkpoint file or run directory")
+    parser.add_argument("--domain", required=True)
+    parser.add_argument("--keep", required=True, help="fraction of the original experts (0.125) or a count (2)")
+    parser.add_argument("--method", default="greedy", choices=METHODS)
+    parser.add_argument("--calib_docs", type=int, default=16)
+    parser.add_argument("--data_dir", default="data/multidomain")
+    parser.add_argument("--seed", type=int, default=0, help="for --method random")
+    parser.add_argument("--out", default="", help="output path without extension (default: next to --ckpt)")
+    args = parser.parse_args(argv)
+    # every check before any work or writing
+    model, ckpt = load_model(args.ckpt)
+    corpus = Corpus(args.data_dir)
+    corpus.check_model(model.cfg.vocab_size, model.cfg.eos_id)
+    previous = ckpt.get("pruning")
+    n_original = previous["original_n_experts"] if previous else model.cfg.n_experts
+    keep = parse_keep(args.keep, n_original, model.cfg.n_shared)
+    if previous and previous["domain"] != args.domain:
+        raise ValueError(f"{args.ckpt} is already pruned for {previous['domain']!r}: prune the original model "
+                         f"({previous['source']}) for {args.domain!r} instead")
+    if keep > model.cfg.n_experts:
+        raise ValueError(f"{args.ckpt} keeps {model.cfg.n_experts} experts, it cannot keep {keep}")
+    batches = calibration_batches(corpus, args.domain, args.calib_docs, model.cfg.seq_len)
+    layers = prune(model, batches, keep, args.method, args.seed)
+    if previous:  # ids in the record always refer to the original model's experts
+        for layer, before in zip(layers, previous["layers"]):
+            layer["kept"] = [before["kept"][i] for i in layer["kept"]]
+    record = {"domain": args.domain, "keep": keep, "original_n_experts": n_original, "method": args.method,
+              "calib_docs": args.calib_docs, "source": previous["source"] if previous else args.ckpt,
+              "layers": layers}
+    out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.ckpt)) if args.ckpt.endswith(".pt")
+                                   else args.ckpt, "pruned", f"{args.domain}-keep{keep}-{args.method}")
+    save_checkpoint(out + ".pt", {"model_config": dataclasses.asdict(model.cfg), "model": model.state_dict(),
+                                  "step": ckpt.get("step"), "pruning": record})
+    with open(out + ".json", "w") as f:
+        json.dump(record, f, indent=1)
+    total, active = model.num_params()
+    print(f"kept {keep} of {n_original} experts per layer for {args.domain!r} ({args.method}, {args.calib_docs} "
+          f"calibration documents): {total / 1e6:.2f}M parameters, {active / 1e6:.2f}M active -> {out}.pt, .json")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,200 @@
+"""prune.py and eval.py: pruned models against masked full models, file sizes, expert selection, the
+evaluation against a direct computation, the sweep's outputs, and bad inputs.
+
+    python -m pytest tests/test_prune_eval.py -q
+"""
+
+import copy
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import eval as evaluation
+import prune
+from checkpoint import load_model, save_checkpoint
+from data.corpus import Corpus
+from model import EMO, ModelConfig
+
+
+def tokens_of(corpus_dir, domain, n=3):
+    corpus = Corpus(corpus_dir)
+    return prune.calibration_batches(corpus, domain, n, 32)
+
+
+def masked_full_logits(full, kept_per_layer, idx):
+    """The full model's logits with the router logits of the removed routed experts set to -inf."""
+    model = copy.deepcopy(full)
+    for block, kept in zip(model.layers, kept_per_layer):
+        router = block.moe.router
+        removed = torch.ones(router.n_routed, dtype=torch.bool)
+        removed[kept] = False
+        original = router.logits
+        router.logits = lambda x, original=original, removed=removed: original(x).masked_fill(removed, float("-inf"))
+    return model(idx, token_routing=True)[0]
+
+
+@pytest.mark.parametrize("router", ["emo", "std"])
+@pytest.mark.parametrize("method", prune.METHODS)
+def test_pruned_logits_equal_masked_full_model(tiny_corpus, tiny_checkpoints, router, method):
+    full, _ = load_model(tiny_checkpoints[router])
+    batches = tokens_of(tiny_corpus[0], "code")
+    idx = torch.cat(tokens_of(tiny_corpus[0], "math", n=2))[:, :20]
+    for keep in (8, 4, 2):  # 8 = every expert: the model itself
+        pruned = copy.deepcopy(full)
+        layers = prune.prune(pruned, batches, keep, method)
+        kept = [layer["kept"] for layer in layers]
+        assert pruned.cfg.n_experts == keep and pruned.cfg.top_k == min(3, keep)
+        assert all(block.moe.w_up_gate.shape[0] == keep for block in pruned.layers)
+        logits = pruned(idx, token_routing=True)[0]
+        if keep == 8:
+            assert torch.equal(logits, full(idx, token_routing=True)[0])
+        torch.testing.assert_close(logits, masked_full_logits(full, kept, idx), rtol=1e-5, atol=1e-5)
+
+
+def test_pruned_checkpoints_shrink_with_the_experts_removed(tiny_corpus, tiny_checkpoints, tmp_path):
+    full, ckpt = load_model(tiny_checkpoints["emo"])
+    sizes = {}
+    for keep in (8, 4, 2):
+        model = copy.deepcopy(full)
+        prune.prune(model, tokens_of(tiny_corpus[0], "code"), keep, "global")
+        path = str(tmp_path / f"keep{keep}.pt")
+        save_checkpoint(path, {"model_config": {}, "model": model.state_dict()})
+        sizes[keep] = (os.path.getsize(path), sum(p.numel() for p in model.parameters()))
+    for keep in (4, 2):
+        bytes_ratio = sizes[keep][0] / sizes[8][0]
+        params_ratio = sizes[keep][1] / sizes[8][1]
+        assert bytes_ratio == pytest.approx(params_ratio, rel=0.02) and params_ratio < 1
+
+
+class TwoDomainCorpus:
+    """Calibration documents of domain A use tokens 0..49 only, of domain B tokens 50..99."""
+
+    def documents(self, split, domain):
+        low = 0 if domain == "A" else 50
+        g = np.random.default_rng(0 if domain == "A" else 1)
+        return [g.integers(low, low + 50, size=30) for _ in range(4)]
+
+
+def routed_by_design():
+    """A model whose routers send tokens 0..49 to experts {0, 1} and tokens 50..99 to {2, 3}: embeddings
+    point along u or v, attention adds nothing, experts add little, router rows 0-1 follow u, 2-3 follow v."""
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=100, eos_id=99, seq_len=32, n_layer=2, n_head=2, d_model=16, n_experts=8,
+                      n_shared=1, top_k=3, expert_hidden=8, router="std")
+    model = EMO(cfg).eval()
+    u, v = torch.zeros(16), torch.zeros(16)
+    u[:8], v[8:] = 1.0, 1.0
+    with torch.no_grad():
+        model.embed.weight[:50] = u + 0.01 * torch.randn(50, 16)
+        model.embed.weight[50:] = v + 0.01 * torch.randn(50, 16)
+        for block in model.layers:
+            block.attn.o_proj.weight.zero_()
+            block.moe.w_down.mul_(1e-2)
+            gate = block.moe.router.gate.weight
+            gate.zero_()
+            gate[0], gate[1], gate[2], gate[3] = 5 * u, 4 * u, 5 * v, 4 * v
+    return model
+
+
+@pytest.mark.parametrize("method", ["greedy", "global", "frequency", "easy_ep"])
+def test_selection_keeps_the_experts_a_domain_uses(method):
+    for domain, expected in (("A", [0, 1]), ("B", [2, 3])):
+        model = routed_by_design()
+        batches = prune.calibration_batches(TwoDomainCorpus(), domain, 4, 32)
+        layers = prune.prune(model, batches, 3, method)  # 2 routed + the shared one
+        assert [layer["kept"] for layer in layers] == [expected, expected]
+
+
+def test_random_selection_is_a_seeded_control():
+    model_a, model_b = routed_by_design(), routed_by_design()
+    batches = prune.calibration_batches(TwoDomainCorpus(), "A", 4, 32)
+    first = prune.prune(model_a, batches, 3, "random", seed=5)
+    second = prune.prune(model_b, batches, 3, "random", seed=5)
+    assert first == second and all(len(layer["kept"]) == 2 for layer in first)
+
+
+def test_evaluation_equals_a_direct_computation(tiny_corpus, tiny_checkpoints):
+    corpus = Corpus(tiny_corpus[0])
+    model, _ = load_model(tiny_checkpoints["std"])
+    results = evaluation.evaluate_domains(model, corpus, "val", 32, 3, 100, torch.device("cpu"))
+    for domain, result in results.items():
+        tokens = torch.from_numpy(corpus.domain_tokens("val", domain)[:101].astype(np.int64))
+        nll, correct = 0.0, 0
+        for start in range(0, 100, 32):  # window by window, each token scored once
+            x, y = tokens[start:min(start + 32, 100)], tokens[start + 1:min(start + 33, 101)]
+            log_probs = F.log_softmax(model(x[None], token_routing=True)[0][0], dim=-1)
+            nll -= log_probs.gather(1, y[:, None]).sum().item()
+            correct += (log_probs.argmax(-1) == y).sum().item()
+        assert result["tokens"] == 100
+        assert result["loss"] == pytest.approx(nll / 100, rel=1e-5)
+        assert result["accuracy"] == correct / 100
+        assert result["perplexity"] == pytest.approx(np.exp(nll / 100), rel=1e-5)
+
+
+def test_sweep_writes_table_and_plots(tiny_corpus, tiny_checkpoints, tmp_path):
+    out = tmp_path / "sweep"
+    evaluation.main(["--sweep", "--ckpt", f"{tiny_checkpoints['emo']},{tiny_checkpoints['std']}",
+                     "--data_dir", tiny_corpus[0], "--keep", "1.0,0.5,0.25", "--calib_docs", "2",
+                     "--max_tokens", "64", "--out", str(out), "--method", "global"])
+    rows = json.load(open(out / "results.json"))
+    assert len(rows) == 2 * 4 * 3  # models x domains x fractions
+    for r in rows:
+        if r["fraction"] == 1.0:
+            assert r["d_loss"] == 0 and r["keep"] == 8
+    assert {r["keep"] for r in rows} == {8, 4, 2}
+    table = open(out / "table.md").read()
+    assert "Average over domains" in table and "25.0%" in table
+    assert open(out / "results.csv").readline().startswith("model,domain,keep,fraction,loss")
+    for png in ("retention_loss.png", "retention_accuracy.png", "expert_usage.png"):
+        assert open(out / png, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--keep", "0.0"], "a fraction must be in"),
+    (["--keep", "1.5"], "a fraction must be in"),
+    (["--keep", "0"], "at least 1 is needed"),
+    (["--keep", "1"], "keep at least one routed expert"),
+    (["--keep", "0.01"], "at least 1 is needed"),
+    (["--keep", "9"], "only 8 experts"),
+    (["--keep", "0.5", "--domain", "klingon"], "unknown domain 'klingon'"),
+    (["--keep", "0.5", "--calib_docs", "99"], "has 3 calibration documents"),
+])
+def test_bad_prune_inputs_write_nothing(tiny_corpus, tiny_checkpoints, tmp_path, args, message):
+    argv = ["--ckpt", tiny_checkpoints["emo"], "--data_dir", tiny_corpus[0], "--domain", "code",
+            "--out", str(tmp_path / "x")] + args
+    with pytest.raises(ValueError, match=message):
+        prune.main(argv)
+    assert os.listdir(tmp_path) == []
+
+
+def test_missing_checkpoint_is_a_clear_error(tiny_corpus, tmp_path):
+    with pytest.raises(FileNotFoundError, match="checkpoint not found"):
+        prune.main(["--ckpt", str(tmp_path / "none"), "--data_dir", tiny_corpus[0], "--domain", "code",
+                    "--keep", "0.5"])
+
+
+def test_pruning_again_must_be_consistent(tiny_corpus, tiny_checkpoints, tmp_path):
+    base = ["--data_dir", tiny_corpus[0], "--method", "global", "--calib_docs", "2"]
+    prune.main(["--ckpt", tiny_checkpoints["emo"], "--domain", "code", "--keep", "0.5",
+                "--out", str(tmp_path / "half"), *base])
+    record = json.load(open(tmp_path / "half.json"))
+    assert record["keep"] == 4 and all(len(layer["kept"]) == 3 for layer in record["layers"])
+    with pytest.raises(ValueError, match="already pruned for 'code'"):
+        prune.main(["--ckpt", str(tmp_path / "half.pt"), "--domain", "math", "--keep", "0.25",
+                    "--out", str(tmp_path / "bad"), *base])
+    with pytest.raises(ValueError, match="keeps 4 experts, it cannot keep 6"):
+        prune.main(["--ckpt", str(tmp_path / "half.pt"), "--domain", "code", "--keep", "0.75",
+                    "--out", str(tmp_path / "bad"), *base])
+    assert not os.path.exists(tmp_path / "bad.pt")
+    # consistent: the same domain, fewer experts; the record keeps the original expert ids
+    prune.main(["--ckpt", str(tmp_path / "half.pt"), "--domain", "code", "--keep", "0.25",
+                "--out", str(tmp_path / "quarter"), *base])
+    quarter = json.load(open(tmp_path / "quarter.json"))
+    for before, after in zip(record["layers"], quarter["layers"]):
+        assert set(after["kept"]) <= set(before["kept"]) and len(after["kept"]) == 1
+    model, _ = load_model(str(tmp_path / "quarter.pt"))
+    assert model.cfg.n_experts == 2 and model.cfg.top_k == 2
