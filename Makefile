@@ -9,7 +9,7 @@ PY := $(VENV)/bin/python
 SHELL := bash
 .SHELLFLAGS := -eo pipefail -c
 
-.PHONY: test demo corpus train-emo_tiny train-std_tiny
+.PHONY: test demo corpus
 
 $(VENV)/installed: requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -22,7 +22,8 @@ test: $(VENV)/installed
 corpus: $(VENV)/installed
 	test -f data/multidomain/meta.json || $(PY) -m data.prepare
 
-# resume when a checkpoint exists (a finished run then does nothing); one thread each, two runs at once
+# resume when a checkpoint exists (a finished run then does nothing); one thread each, two runs at once.
+# (not .PHONY: make ignores pattern rules for phony targets; no file of that name exists, so it always runs)
 train-%: corpus
 	OMP_NUM_THREADS=1 $(PY) train.py config/$*.py $$(test -f out/$*/ckpt.pt && echo --init_from=resume) \
 		| sed -u 's/^/[$*] /'
