@@ -8,7 +8,7 @@ Written atomically: to a temporary file in the same directory, flushed to disk, 
 one, so a write killed half-way leaves the previous checkpoint intact.
 
     save_checkpoint("out/emo_tiny/ckpt.pt", payload)
-    model, ckpt = load_model("out/emo_tiny")          # a directory or a file; model on the CPU in eval mode
+    model, ckpt = load_model("out/emo_tiny")          # run directory, file, or Hugging Face folder / hub id
 """
 
 import dataclasses
@@ -63,10 +63,28 @@ def check_shapes(model, state_dict, source):
                          f"{' unexpected ' + ', '.join(sorted(unexpected)[:4]) if unexpected else ''}")
 
 
-def load_model(path, device="cpu", **config_overrides):
-    """The model of a checkpoint, in eval mode. config_overrides change non-shape fields (pool_eval, ...)."""
+def model_name(path):
+    """A short label for a checkpoint: out/emo_tiny -> emo_tiny, out/x/ckpt.pt -> x, allenai/Emo -> Emo."""
+    path = os.path.normpath(path)
+    return os.path.basename(os.path.dirname(path) if path.endswith(CHECKPOINT_NAME) else path).removesuffix(".pt")
+
+
+def is_hf_checkpoint(path):
+    """A release-format folder (config.json + safetensors), or a hub id like allenai/Emo_1b14b_1T."""
+    if os.path.isdir(path):
+        return os.path.exists(os.path.join(path, "config.json"))
+    return not os.path.exists(path) and path.count("/") == 1 and not path.endswith(".pt")
+
+
+def load_model(path, device="cpu"):
+    """The model of a checkpoint (nanoEMO file or run directory, or Hugging Face folder or hub id), in eval
+    mode, with the checkpoint dict ({"model_config", "step", "pruning"?} for a Hugging Face one)."""
+    if is_hf_checkpoint(path):
+        from hf import load_hf  # hf.py imports this file for its command line
+        model = load_hf(path, device)
+        return model, {"model_config": dataclasses.asdict(model.cfg), "step": None}
     ckpt = load_checkpoint(path)
-    cfg = dataclasses.replace(ModelConfig(**ckpt["model_config"]), **config_overrides)
+    cfg = ModelConfig(**ckpt["model_config"])
     with torch.device("meta"):
         model = EMO(cfg)
     model.to_empty(device=device)

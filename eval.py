@@ -26,7 +26,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from checkpoint import checkpoint_path, load_model
+from checkpoint import checkpoint_path, is_hf_checkpoint, load_model, model_name
 from data.corpus import Corpus
 from prune import METHODS, calibration_batches, expert_scores, parse_keep, prune
 
@@ -88,12 +88,6 @@ def evaluate_domains(model, corpus, split, seq_len, batch_size, max_tokens, devi
         results[domain] = summarize(evaluate_windows(model, x, y, batch_size, device, autocast_dtype))
     return results
 
-
-
-def model_name(path):
-    """A short label for a checkpoint: its run directory's name (out/emo_tiny -> emo_tiny)."""
-    path = os.path.normpath(path)
-    return os.path.basename(os.path.dirname(path) if path.endswith(".pt") else path)
 
 
 @torch.no_grad()
@@ -243,7 +237,8 @@ def write_sweep(rows, usage, domains, out_dir):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--ckpt", required=True, help="checkpoint(s): files or run directories, comma-separated")
+    parser.add_argument("--ckpt", "--init_from", dest="ckpt", required=True,
+                        help="checkpoint(s), comma-separated: files, run directories, Hugging Face folders or hub ids")
     parser.add_argument("--data_dir", default="data/multidomain")
     parser.add_argument("--max_tokens", type=int, default=16384, help="validation tokens per domain")
     parser.add_argument("--batch_size", type=int, default=16)
@@ -255,8 +250,9 @@ def main(argv=None):
     args = parser.parse_args(argv)
     paths = args.ckpt.split(",")
     corpus = Corpus(args.data_dir)
-    for path in paths:  # fail before any work: missing checkpoints, another vocabulary
-        checkpoint_path(path)
+    for path in paths:  # fail before any work on a missing checkpoint
+        if not is_hf_checkpoint(path):
+            checkpoint_path(path)
     if not args.sweep:
         for path in paths:
             model, _ = load_model(path)

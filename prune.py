@@ -16,7 +16,9 @@ Methods (scores per routed expert, averaged over the calibration tokens):
     easy_ep    EASY-EP: routing weight x expert output norm x (1 - cos(h, h + moe_out)) of the token
     random     a random choice (a control)
 Writes OUT.pt (a checkpoint like any other: eval.py evaluates it, train.py fine-tunes it with
---init_from=OUT.pt) and OUT.json, the experts kept per layer (original ids) and their scores.
+--init_from=OUT.pt) and OUT.json, the experts kept per layer (original ids) and their scores; with
+--hf_out, also the Hugging Face format. --ckpt takes the release's checkpoints too:
+    python prune.py --init_from allenai/Emo_1b14b_1T --data_dir data/multidomain_dolma2 --domain c --keep 0.125
 """
 
 import argparse
@@ -28,8 +30,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from checkpoint import load_model, save_checkpoint
+from checkpoint import load_model, model_name, save_checkpoint
 from data.corpus import Corpus
+from hf import export_hf
 from kernels import swiglu
 
 METHODS = ("greedy", "global", "frequency", "easy_ep", "random")
@@ -143,14 +146,17 @@ def prune(model, batches, keep, method, seed=0):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--ckpt", required=True, help="checkpoint file or run directory")
+    parser.add_argument("--ckpt", "--init_from", dest="ckpt", required=True,
+                        help="checkpoint: file, run directory, Hugging Face folder or hub id")
     parser.add_argument("--domain", required=True)
     parser.add_argument("--keep", required=True, help="fraction of the original experts (0.125) or a count (2)")
     parser.add_argument("--method", default="greedy", choices=METHODS)
     parser.add_argument("--calib_docs", type=int, default=16)
     parser.add_argument("--data_dir", default="data/multidomain")
     parser.add_argument("--seed", type=int, default=0, help="for --method random")
-    parser.add_argument("--out", default="", help="output path without extension (default: next to --ckpt)")
+    parser.add_argument("--out", default="", help="output path without extension "
+                        "(default: out/pruned/MODEL/DOMAIN-keepK-METHOD)")
+    parser.add_argument("--hf_out", default="", help="also export the pruned model in Hugging Face format here")
     args = parser.parse_args(argv)
     # every check before any work or writing
     model, ckpt = load_model(args.ckpt)
@@ -172,12 +178,13 @@ def main(argv=None):
     record = {"domain": args.domain, "keep": keep, "original_n_experts": n_original, "method": args.method,
               "calib_docs": args.calib_docs, "source": previous["source"] if previous else args.ckpt,
               "layers": layers}
-    out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.ckpt)) if args.ckpt.endswith(".pt")
-                                   else args.ckpt, "pruned", f"{args.domain}-keep{keep}-{args.method}")
+    out = args.out or os.path.join("out", "pruned", model_name(args.ckpt), f"{args.domain}-keep{keep}-{args.method}")
     save_checkpoint(out + ".pt", {"model_config": dataclasses.asdict(model.cfg), "model": model.state_dict(),
                                   "step": ckpt.get("step"), "pruning": record})
     with open(out + ".json", "w") as f:
         json.dump(record, f, indent=1)
+    if args.hf_out:
+        export_hf(model, args.hf_out)
     total, active = model.num_params()
     print(f"kept {keep} of {n_original} experts per layer for {args.domain!r} ({args.method}, {args.calib_docs} "
           f"calibration documents): {total / 1e6:.2f}M parameters, {active / 1e6:.2f}M active -> {out}.pt, .json")

@@ -33,6 +33,7 @@ from checkpoint import CHECKPOINT_NAME, check_shapes, load_checkpoint, save_chec
 from configurator import parse_args
 from data.corpus import Corpus, TrainWindows, expand_train_files
 from eval import evaluate_domains
+from kernels import kernel_choice
 from model import EMO, ModelConfig
 
 
@@ -200,6 +201,7 @@ def validate(cfg, model_cfg, given):
         raise ValueError(f"parallel must be 'ddp' or 'fsdp', got {cfg.parallel!r}")
     if cfg.dtype not in ("auto", "bfloat16", "float32"):
         raise ValueError(f"dtype must be 'auto', 'bfloat16' or 'float32', got {cfg.dtype!r}")
+    kernel_choice(torch.device("cpu"))  # a bad NANOEMO_KERNEL fails here, before anything is written
     if cfg.init_from == "resume" and not os.path.exists(os.path.join(cfg.out_dir, CHECKPOINT_NAME)):
         raise FileNotFoundError(f"init_from='resume' but there is no {os.path.join(cfg.out_dir, CHECKPOINT_NAME)}")
     model_cfg, ckpt = resolve_model_config(cfg, model_cfg, given)
@@ -222,8 +224,9 @@ def log_header(log, cfg, model_cfg, raw, device, autocast_dtype, world, files):
     total, active = raw.num_params()
     log(f"nanoEMO | python {platform.python_version()} | torch {torch.__version__} | device {device} x {world} "
         f"({cfg.parallel if world > 1 else 'single process'})")
+    kernel, reason = kernel_choice(device)
     log(f"dtype {autocast_dtype} ({'bf16 autocast on CUDA' if autocast_dtype == torch.bfloat16 else 'float32'}) | "
-        f"expert kernel: torch (kernels.moe_mlp_torch) | compile {cfg.compile}")
+        f"expert kernel: {kernel} ({reason}) | compile {cfg.compile}")
     log(f"model: {dataclasses.asdict(model_cfg)}")
     log(f"train: {dataclasses.asdict(cfg)}")
     log(f"parameters: {total / 1e6:.2f}M total, {active / 1e6:.2f}M active | training files: {files}")

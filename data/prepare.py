@@ -5,6 +5,7 @@ every document, plus meta.json that train.py, prune.py and eval.py read.
 
     python -m data.prepare                                       # BPE-4096 trained here -> data/multidomain
     python -m data.prepare --tokenizer gpt2 --out data/multidomain_gpt2    # GPT-2 tokens, for GPU runs
+    python -m data.prepare --tokenizer dolma2 --out data/multidomain_dolma2  # the release's tokens (network once)
 
 Outputs in --out:
     train.bin     training documents of all domains, shuffled together, uint16 (uint32 if the vocab needs it)
@@ -139,7 +140,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default=os.path.join(HERE, "multidomain"))
     parser.add_argument("--cache", default=os.path.join(HERE, "sources"), help="downloaded packages")
-    parser.add_argument("--tokenizer", default="bpe", choices=["bpe", "gpt2", "cl100k_base"])
+    parser.add_argument("--tokenizer", default="bpe", choices=["bpe", "gpt2", "cl100k_base", "dolma2"])
     parser.add_argument("--vocab_size", type=int, default=4096, help="BPE only, EOS included")
     parser.add_argument("--mb_per_domain", type=float, default=5.0, help="cap on each domain's text")
     parser.add_argument("--n_val", type=int, default=50, help="validation documents per domain")

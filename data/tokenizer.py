@@ -4,7 +4,9 @@ Tokenizers for nanoEMO, all served by tiktoken and all usable offline:
   rank file. The CPU demo needs a small vocabulary: the LM head dominates a tiny model's time.
 - 'gpt2': GPT-2's 50257-token encoding from the rank file vendored in data/tokenizers/ (MIT, from the
   openai-whisper package; see data/tokenizers/LICENSE-gpt2), for GPU runs.
-- 'cl100k_base': fetched by tiktoken itself, so it needs a network (the release's dolma2 tokenizer extends it).
+- 'cl100k_base': fetched by tiktoken itself, so it needs a network once (or tiktoken's cache).
+- 'dolma2': the release's tokenizer, cl100k_base's ranks with its special tokens plus <|pad|> (EOS 100257,
+  PAD 100277); the model pads the vocabulary to 100352.
 
 The trainer is the textbook algorithm, made fast enough for a few MB of text: split the text into chunks
 with the pre-tokenizer regex, count identical chunks once, then repeatedly merge the most frequent adjacent
@@ -118,16 +120,26 @@ def encoding_from_file(path, pattern):
     return tiktoken.Encoding(name, pat_str=pattern, mergeable_ranks=ranks, special_tokens={EOS_TOKEN: len(ranks)})
 
 
+def cl100k_base():
+    try:
+        return tiktoken.get_encoding("cl100k_base")
+    except Exception as error:  # tiktoken downloads its rank file on first use
+        raise RuntimeError(f"cl100k_base could not be loaded ({error}); tiktoken fetches it from the network on "
+                           "first use (then caches it, see TIKTOKEN_CACHE_DIR): run once with a network, or use "
+                           "--tokenizer bpe / gpt2") from error
+
+
 def load_tokenizer(name):
-    """'gpt2', 'cl100k_base' (needs a network or tiktoken's cache) or the path of a rank file trained here."""
+    """'gpt2', 'cl100k_base', 'dolma2' (both need cl100k_base's rank file: a network once, or tiktoken's
+    cache) or the path of a rank file trained here."""
     if name == "gpt2":
         return encoding_from_file(os.path.join(VENDORED, "gpt2.tiktoken"), GPT2_PATTERN)
     if name == "cl100k_base":
-        try:
-            return tiktoken.get_encoding("cl100k_base")
-        except Exception as error:  # tiktoken downloads it on first use
-            raise RuntimeError(f"cl100k_base could not be loaded ({error}); tiktoken fetches it from the network "
-                               "on first use, so run once with a network or use --tokenizer bpe / gpt2") from error
+        return cl100k_base()
+    if name == "dolma2":
+        base = cl100k_base()
+        return tiktoken.Encoding("dolma2", pat_str=base._pat_str, mergeable_ranks=base._mergeable_ranks,
+                                 special_tokens={**base._special_tokens, "<|pad|>": 100277})
     if not os.path.exists(name):
         raise FileNotFoundError(f"tokenizer {name!r} is neither 'gpt2', 'cl100k_base' nor an existing rank file")
     return encoding_from_file(name, SPLIT_PATTERN)

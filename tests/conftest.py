@@ -1,8 +1,14 @@
-"""Shared test fixtures: a tiny four-domain corpus built by data/prepare.py's own code, and a tiny model."""
+"""Shared test fixtures: a tiny four-domain corpus built by data/prepare.py's own code, tiny trained runs.
+Without CUDA, Triton kernels run on CPU tensors through Triton's interpreter (set before triton is imported)."""
 
+import os
 import random
 
 import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from data.prepare import build_corpus
 

@@ -1,0 +1,213 @@
+"""
+Hugging Face interop: load the released EMO checkpoints (allenai/Emo_1b14b_1T, allenai/StdMoE_1b14b_1T)
+into nanoEMO, and export any nanoEMO model, pruned ones included, in the same format.
+
+The format (../shared/docs/emo.md, "Inference and the released checkpoints"): config.json and safetensors
+(one file, or shards listed by model.safetensors.index.json) with, for layer i and expert j,
+    model.embed_tokens.weight (V, C)            lm_head.weight (V, C)            model.norm.weight (C)
+    model.layers.i.pre_attention_layernorm.weight (C)      model.layers.i.pre_feedforward_layernorm.weight (C)
+    model.layers.i.self_attn.{q,k,v,o}_proj.weight (C, C)  model.layers.i.mlp.gate.weight (E, C), shared last
+    model.layers.i.mlp.experts.j.{gate,up}_proj.weight (H, C)    model.layers.i.mlp.experts.j.down_proj.weight (C, H)
+nanoEMO stacks the experts: w_up_gate[j] = [gate_proj.T | up_proj.T] (C, 2H), w_down[j] = down_proj.T (H, C).
+Inference routing is the release's: softmax over the routed experts, top (k - n_shared), no renormalisation,
+shared expert with weight 1 (the model's token routing).
+
+    model = load_hf("path/to/Emo_1b14b_1T")            # or a hub id, with huggingface_hub and a network
+    export_hf(model, "out/emo_tiny_hf")
+    python hf.py --ckpt out/emo_tiny/pruned/python-keep2-greedy.pt --out out/python_hf    # export
+"""
+
+import argparse
+import json
+import os
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from model import EMO, ModelConfig
+
+MODEL_TYPE = "emo"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def dense_names(n_layer):
+    """(Hugging Face name, nanoEMO parameter name) of every tensor but the experts'."""
+    names = [("model.embed_tokens.weight", "embed.weight"), ("lm_head.weight", "lm_head.weight"),
+             ("model.norm.weight", "norm.weight")]
+    for i in range(n_layer):
+        hf, ours = f"model.layers.{i}.", f"layers.{i}."
+        names += [(hf + "pre_attention_layernorm.weight", ours + "attn_norm.weight"),
+                  (hf + "pre_feedforward_layernorm.weight", ours + "moe_norm.weight"),
+                  (hf + "mlp.gate.weight", ours + "moe.router.gate.weight")]
+        names += [(hf + f"self_attn.{p}_proj.weight", ours + f"attn.{p}_proj.weight") for p in "qkvo"]
+    return names
+
+
+def expert_names(i, j):
+    prefix = f"model.layers.{i}.mlp.experts.{j}."
+    return prefix + "gate_proj.weight", prefix + "up_proj.weight", prefix + "down_proj.weight"
+
+
+def config_from_hf(hf):
+    """ModelConfig from a release config.json dict; an error names any key this model cannot honour."""
+    if hf.get("model_type") != MODEL_TYPE:
+        raise ValueError(f"config.json: model_type {hf.get('model_type')!r} is not {MODEL_TYPE!r}")
+    for key in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_experts",
+                "num_experts_per_tok", "vocab_size", "eos_token_id"):
+        if key not in hf:
+            raise ValueError(f"config.json: missing key {key!r}")
+    heads = hf["num_attention_heads"]
+    problems = [text for bad, text in (
+        (hf.get("norm_topk_prob"), "norm_topk_prob=true (the release does not renormalise)"),
+        (hf.get("tie_word_embeddings"), "tie_word_embeddings=true (embedding and LM head are untied)"),
+        (hf.get("num_key_value_heads", heads) != heads, "num_key_value_heads != num_attention_heads (no GQA)"))
+        if bad]
+    if problems:
+        raise ValueError(f"config.json: unsupported {'; '.join(problems)}")
+    n_experts, n_shared = hf["num_experts"], hf.get("num_shared_experts", 1)
+    for key, default in (("num_experts_per_layer", n_experts), ("num_shared_experts_per_layer", n_shared)):
+        per_layer = hf.get(key) or [default] * hf["num_hidden_layers"]
+        if len(set(per_layer)) != 1:
+            raise ValueError(f"config.json: {key} {per_layer} differ between layers; nanoEMO keeps the same "
+                             "number in every layer")
+        if key == "num_experts_per_layer":
+            n_experts = per_layer[0]
+        else:
+            n_shared = per_layer[0]
+    return ModelConfig(vocab_size=hf["vocab_size"], eos_id=hf["eos_token_id"],
+                       seq_len=hf.get("max_position_embeddings", 4096), n_layer=hf["num_hidden_layers"],
+                       n_head=hf["num_attention_heads"], d_model=hf["hidden_size"], n_experts=n_experts,
+                       n_shared=n_shared, top_k=min(hf["num_experts_per_tok"], n_experts),
+                       expert_hidden=hf["intermediate_size"], rope_theta=float(hf.get("rope_theta", 10000.0)),
+                       norm_eps=hf.get("rms_norm_eps", 1e-6))
+
+
+def hf_config(cfg, dtype):
+    """A release-style config.json dict for a nanoEMO model (per-layer counts written for pruned ones too)."""
+    return {"model_type": MODEL_TYPE, "architectures": ["EmoForCausalLM"], "hidden_size": cfg.d_model,
+            "intermediate_size": cfg.expert_hidden, "num_hidden_layers": cfg.n_layer,
+            "num_attention_heads": cfg.n_head, "num_key_value_heads": cfg.n_head, "num_experts": cfg.n_experts,
+            "num_experts_per_tok": cfg.top_k, "num_shared_experts": cfg.n_shared, "norm_topk_prob": False,
+            "num_experts_per_layer": [cfg.n_experts] * cfg.n_layer,
+            "num_shared_experts_per_layer": [cfg.n_shared] * cfg.n_layer, "rope_theta": cfg.rope_theta,
+            "rms_norm_eps": cfg.norm_eps, "vocab_size": cfg.vocab_size, "eos_token_id": cfg.eos_id,
+            "pad_token_id": None, "max_position_embeddings": cfg.seq_len, "tie_word_embeddings": False,
+            "attention_bias": False, "hidden_act": "silu", "torch_dtype": str(dtype).removeprefix("torch.")}
+
+
+def resolve_folder(path):
+    """A local checkpoint folder, or a hub id downloaded with huggingface_hub (needs a network)."""
+    if os.path.isdir(path):
+        return path
+    try:
+        from huggingface_hub import snapshot_download  # optional: only for hub ids
+    except ImportError:
+        raise FileNotFoundError(f"no checkpoint at {path!r}: no such file or folder here, and downloading it as a "
+                                "hub id needs huggingface_hub (pip install huggingface_hub) and a network") from None
+    return snapshot_download(path, allow_patterns=["*.json", "*.safetensors"])
+
+
+class TensorFiles:
+    """Memory-mapped access by name to the tensors of one or several safetensors files."""
+
+    def __init__(self, folder):
+        index = os.path.join(folder, "model.safetensors.index.json")
+        if os.path.exists(index):
+            with open(index) as f:
+                weight_map = json.load(f)["weight_map"]
+        elif os.path.exists(os.path.join(folder, "model.safetensors")):
+            weight_map = None
+        else:
+            raise FileNotFoundError(f"{folder}: neither model.safetensors nor model.safetensors.index.json")
+        files = sorted(set(weight_map.values())) if weight_map else ["model.safetensors"]
+        self.handles = {f: safe_open(os.path.join(folder, f), framework="pt") for f in files}
+        self.where = weight_map or {k: "model.safetensors" for k in self.handles["model.safetensors"].keys()}
+
+    def get(self, name, shape):
+        """The tensor called name, checked against the expected shape."""
+        if name not in self.where:
+            raise KeyError(f"checkpoint has no tensor {name!r}")
+        tensor = self.handles[self.where[name]].get_tensor(name)
+        if tuple(tensor.shape) != tuple(shape):
+            raise ValueError(f"tensor {name!r} has shape {tuple(tensor.shape)}, expected {tuple(shape)}")
+        return tensor
+
+
+@torch.no_grad()
+def load_hf(path, device="cpu", dtype=None):
+    """An EMO model (eval mode) from a release-format folder or hub id, in the checkpoint's dtype unless
+    dtype is given. Parameters are allocated once and filled tensor by tensor from memory-mapped files, so
+    loading never holds two copies of the model."""
+    folder = resolve_folder(path)
+    with open(os.path.join(folder, "config.json")) as f:
+        hf = json.load(f)
+    cfg = config_from_hf(hf)
+    dtype = dtype or DTYPES.get(hf.get("torch_dtype"), torch.float32)
+    with torch.device("meta"):
+        model = EMO(cfg)
+    model.to(dtype).to_empty(device=device)
+    tensors = TensorFiles(folder)
+    params = dict(model.named_parameters())
+    for hf_name, name in dense_names(cfg.n_layer):
+        params[name].copy_(tensors.get(hf_name, params[name].shape))
+    H, C = cfg.expert_hidden, cfg.d_model
+    for i, block in enumerate(model.layers):
+        for j in range(cfg.n_experts):
+            gate, up, down = expert_names(i, j)
+            block.moe.w_up_gate[j, :, :H].copy_(tensors.get(gate, (H, C)).T)
+            block.moe.w_up_gate[j, :, H:].copy_(tensors.get(up, (H, C)).T)
+            block.moe.w_down[j].copy_(tensors.get(down, (C, H)).T)
+    return model.eval()
+
+
+def hf_tensors(model, dtype, layers):
+    """{Hugging Face name: tensor} of the given layers (plus embedding, norm and head with layer 0)."""
+    cfg, H = model.cfg, model.cfg.expert_hidden
+    params = dict(model.named_parameters())
+    out = {hf_name: params[name] for hf_name, name in dense_names(cfg.n_layer)
+           if any(hf_name.startswith(f"model.layers.{i}.") for i in layers)
+           or (0 in layers and not hf_name.startswith("model.layers."))}
+    for i in layers:
+        moe = model.layers[i].moe
+        for j in range(cfg.n_experts):
+            gate, up, down = expert_names(i, j)
+            out[gate], out[up], out[down] = moe.w_up_gate[j, :, :H].T, moe.w_up_gate[j, :, H:].T, moe.w_down[j].T
+    return {k: v.detach().to(dtype).contiguous() for k, v in out.items()}
+
+
+@torch.no_grad()
+def export_hf(model, folder, dtype=None, layers_per_shard=4):
+    """Write model as config.json + safetensors in the release's format; sharded with an index beyond
+    layers_per_shard layers, so that no more than a few layers are copied in memory at a time."""
+    dtype = dtype or next(model.parameters()).dtype
+    os.makedirs(folder, exist_ok=True)
+    n_layer = model.cfg.n_layer
+    groups = [list(range(s, min(s + layers_per_shard, n_layer))) for s in range(0, n_layer, layers_per_shard)]
+    weight_map = {}
+    for g, layers in enumerate(groups):
+        name = "model.safetensors" if len(groups) == 1 else f"model-{g + 1:05d}-of-{len(groups):05d}.safetensors"
+        shard = hf_tensors(model, dtype, layers)
+        save_file(shard, os.path.join(folder, name), metadata={"format": "pt"})
+        weight_map.update({k: name for k in shard})
+    if len(groups) > 1:
+        with open(os.path.join(folder, "model.safetensors.index.json"), "w") as f:
+            json.dump({"metadata": {}, "weight_map": weight_map}, f, indent=1)
+    with open(os.path.join(folder, "config.json"), "w") as f:
+        json.dump(hf_config(model.cfg, dtype), f, indent=1)
+
+
+def main(argv=None):
+    from checkpoint import load_model
+    parser = argparse.ArgumentParser(description="Export a nanoEMO checkpoint in the release's Hugging Face format")
+    parser.add_argument("--ckpt", required=True, help="nanoEMO checkpoint (file or run directory)")
+    parser.add_argument("--out", required=True, help="folder to write config.json and safetensors into")
+    parser.add_argument("--dtype", default="bfloat16", choices=list(DTYPES))
+    args = parser.parse_args(argv)
+    model, _ = load_model(args.ckpt)
+    export_hf(model, args.out, DTYPES[args.dtype])
+    print(f"wrote {args.out}: {model.cfg.n_experts} experts x {model.cfg.n_layer} layers, {args.dtype}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,195 @@
+"""Hugging Face interop: export/load round trips, a checkpoint written by hand in the release's format
+against an independent reference forward, and clear errors on malformed checkpoints.
+
+    python -m pytest tests/test_hf.py -q
+"""
+
+import json
+import math
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import prune
+from checkpoint import load_model
+from hf import export_hf, load_hf
+from model import EMO, ModelConfig
+
+V, C, L, NH, E, K, H = 50, 16, 2, 2, 6, 3, 8  # vocab, width, layers, heads, experts (1 shared), top-k, hidden
+
+
+def release_config(**overrides):
+    config = {"model_type": "emo", "hidden_size": C, "intermediate_size": H, "num_hidden_layers": L,
+              "num_attention_heads": NH, "num_key_value_heads": NH, "num_experts": E, "num_experts_per_tok": K,
+              "num_shared_experts": 1, "norm_topk_prob": False, "rope_theta": 500000.0, "rms_norm_eps": 1e-6,
+              "vocab_size": V, "eos_token_id": 49, "pad_token_id": 48, "tie_word_embeddings": False,
+              "torch_dtype": "float32"}
+    config.update(overrides)
+    return config
+
+
+def release_tensors(seed=0):
+    """Every tensor of the release's format, named and shaped by hand from ../shared/docs/emo.md."""
+    g = torch.Generator().manual_seed(seed)
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=g) * 0.3
+
+    tensors = {"model.embed_tokens.weight": rand(V, C), "lm_head.weight": rand(V, C),
+               "model.norm.weight": 1 + rand(C)}
+    for i in range(L):
+        p = f"model.layers.{i}."
+        tensors[p + "pre_attention_layernorm.weight"] = 1 + rand(C)
+        tensors[p + "pre_feedforward_layernorm.weight"] = 1 + rand(C)
+        for name in ("q", "k", "v", "o"):
+            tensors[p + f"self_attn.{name}_proj.weight"] = rand(C, C)
+        tensors[p + "mlp.gate.weight"] = rand(E, C) * 5
+        for j in range(E):
+            tensors[p + f"mlp.experts.{j}.gate_proj.weight"] = rand(H, C)
+            tensors[p + f"mlp.experts.{j}.up_proj.weight"] = rand(H, C)
+            tensors[p + f"mlp.experts.{j}.down_proj.weight"] = rand(C, H)
+    return tensors
+
+
+def write_release(folder, tensors, config):
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(folder / "model.safetensors"))
+    (folder / "config.json").write_text(json.dumps(config))
+    return str(folder)
+
+
+def reference_forward(t, idx, theta=500000.0, eps=1e-6):
+    """An independent forward of the release's architecture, token by token routing, written from the
+    description: pre-norm RMSNorm, RoPE (halves rotated), causal attention, softmax over the 5 routed
+    experts, top 2, weights not renormalised, shared expert (last) with weight 1."""
+    T, hd = len(idx), C // NH
+
+    def rms(x, w):
+        return x / torch.sqrt((x * x).mean(-1, keepdim=True) + eps) * w
+
+    pos = torch.arange(T, dtype=torch.float32)[:, None]
+    freqs = theta ** (-torch.arange(0, hd, 2, dtype=torch.float32) / hd)
+    angle = torch.cat([pos * freqs, pos * freqs], dim=-1)  # (T, hd)
+
+    def rope(x):  # (T, hd)
+        half = hd // 2
+        return x * angle.cos() + torch.cat([-x[:, half:], x[:, :half]], dim=-1) * angle.sin()
+
+    x = t["model.embed_tokens.weight"][idx]
+    for i in range(L):
+        p = f"model.layers.{i}."
+        h = rms(x, t[p + "pre_attention_layernorm.weight"])
+        q, k, v = (h @ t[p + f"self_attn.{n}_proj.weight"].T for n in "qkv")
+        heads = []
+        for n in range(NH):
+            s = slice(n * hd, (n + 1) * hd)
+            scores = rope(q[:, s]) @ rope(k[:, s]).T / math.sqrt(hd)
+            scores = scores.masked_fill(torch.ones(T, T).triu(1).bool(), float("-inf"))
+            heads.append(scores.softmax(-1) @ v[:, s])
+        x = x + torch.cat(heads, dim=-1) @ t[p + "self_attn.o_proj.weight"].T
+        h = rms(x, t[p + "pre_feedforward_layernorm.weight"])
+        out = torch.zeros_like(x)
+        for n in range(T):
+            probs = (h[n] @ t[p + "mlp.gate.weight"][:E - 1].T).softmax(-1)
+            top = probs.topk(K - 1)
+            chosen = list(zip(top.indices.tolist(), top.values.tolist())) + [(E - 1, 1.0)]
+            for j, weight in chosen:
+                e = p + f"mlp.experts.{j}."
+                act = torch.nn.functional.silu(h[n] @ t[e + "gate_proj.weight"].T) * (h[n] @ t[e + "up_proj.weight"].T)
+                out[n] += weight * (act @ t[e + "down_proj.weight"].T)
+        x = x + out
+    return rms(x, t["model.norm.weight"]) @ t["lm_head.weight"].T
+
+
+def test_release_format_loads_and_matches_a_reference_forward(tmp_path):
+    tensors = release_tensors()
+    folder = write_release(tmp_path / "release", tensors, release_config())
+    model = load_hf(folder)
+    assert model.cfg.n_experts == E and model.cfg.top_k == K and model.cfg.eos_id == 49
+    idx = torch.tensor([3, 17, 49, 8, 22, 40, 1, 9])
+    logits = model(idx[None], token_routing=True)[0][0]
+    torch.testing.assert_close(logits, reference_forward(tensors, idx), rtol=1e-4, atol=1e-4)
+    # the generic loader recognises the folder
+    assert torch.equal(load_model(folder)[0](idx[None])[0][0], logits)
+
+
+def test_checkpoint_dtype_is_kept_unless_asked(tmp_path):
+    tensors = {k: v.bfloat16() for k, v in release_tensors().items()}
+    folder = write_release(tmp_path / "bf16", tensors, release_config(torch_dtype="bfloat16"))
+    assert next(load_hf(folder).parameters()).dtype == torch.bfloat16
+    assert next(load_hf(folder, dtype=torch.float32).parameters()).dtype == torch.float32
+
+
+def tiny_model():
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=V, eos_id=49, seq_len=16, n_layer=3, n_head=NH, d_model=C, n_experts=8,
+                      n_shared=1, top_k=3, expert_hidden=H, rope_theta=500000.0)
+    return EMO(cfg).eval()
+
+
+@pytest.mark.parametrize("layers_per_shard", [4, 1])  # one file, and shards with an index
+def test_export_then_load_gives_identical_logits(tmp_path, layers_per_shard):
+    model = tiny_model()
+    idx = torch.randint(0, V, (2, 12))
+    export_hf(model, str(tmp_path / "full"), layers_per_shard=layers_per_shard)
+    assert (tmp_path / "full" / "model.safetensors.index.json").exists() == (layers_per_shard == 1)
+    loaded = load_hf(str(tmp_path / "full"))
+    assert loaded.cfg == model.cfg
+    assert torch.equal(loaded(idx, token_routing=True)[0], model(idx, token_routing=True)[0])
+
+
+def test_export_then_load_a_pruned_model(tmp_path):
+    model = tiny_model()
+    batches = [torch.randint(0, V, (1, 12)) for _ in range(3)]
+    prune.prune(model, batches, 3, "global")  # 2 routed + the shared expert, top_k 3
+    export_hf(model, str(tmp_path / "pruned"))
+    config = json.loads((tmp_path / "pruned" / "config.json").read_text())
+    assert config["num_experts_per_layer"] == [3, 3, 3] and config["num_experts_per_tok"] == 3
+    loaded = load_hf(str(tmp_path / "pruned"))
+    idx = torch.randint(0, V, (2, 12))
+    assert torch.equal(loaded(idx, token_routing=True)[0], model(idx, token_routing=True)[0])
+
+
+def test_malformed_checkpoints_name_what_is_wrong(tmp_path):
+    good = release_tensors()
+    missing = {k: v for k, v in good.items() if k != "model.layers.1.mlp.experts.4.up_proj.weight"}
+    with pytest.raises(KeyError, match="model.layers.1.mlp.experts.4.up_proj.weight"):
+        load_hf(write_release(tmp_path / "missing", missing, release_config()))
+    wrong = dict(good, **{"model.layers.0.self_attn.k_proj.weight": torch.zeros(C, C + 1)})
+    with pytest.raises(ValueError, match=r"model.layers.0.self_attn.k_proj.weight.*\(16, 17\).*\(16, 16\)"):
+        load_hf(write_release(tmp_path / "wrong", wrong, release_config()))
+    for overrides, message in [
+        ({"model_type": "llama"}, "model_type 'llama'"),
+        ({"num_key_value_heads": 1}, "num_key_value_heads"),
+        ({"norm_topk_prob": True}, "norm_topk_prob"),
+        ({"num_experts_per_layer": [6, 4]}, "num_experts_per_layer .* differ between layers"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            load_hf(write_release(tmp_path / "config", good, release_config(**overrides)))
+    config = release_config()
+    del config["intermediate_size"]
+    with pytest.raises(ValueError, match="missing key 'intermediate_size'"):
+        load_hf(write_release(tmp_path / "nokey", good, config))
+
+
+def test_folder_without_tensors_is_a_clear_error(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps(release_config()))
+    with pytest.raises(FileNotFoundError, match="neither model.safetensors"):
+        load_hf(str(tmp_path))
+
+
+def test_prune_accepts_a_release_folder(tmp_path, tiny_corpus):
+    corpus_dir = tiny_corpus[0]
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=320, eos_id=319, seq_len=32, n_layer=2, n_head=2, d_model=16, n_experts=8,
+                      n_shared=1, top_k=3, expert_hidden=8)
+    export_hf(EMO(cfg), str(tmp_path / "release"))
+    prune.main(["--init_from", str(tmp_path / "release"), "--data_dir", corpus_dir, "--domain", "code",
+                "--keep", "0.5", "--method", "global", "--calib_docs", "2", "--out", str(tmp_path / "p"),
+                "--hf_out", str(tmp_path / "p_hf")])
+    pruned, ckpt = load_model(str(tmp_path / "p.pt"))
+    assert pruned.cfg.n_experts == 4 and ckpt["pruning"]["source"] == str(tmp_path / "release")
+    idx = torch.randint(0, 320, (1, 10))
+    torch.testing.assert_close(load_hf(str(tmp_path / "p_hf"), dtype=torch.float32)(idx)[0], pruned(idx)[0],
+                               rtol=2e-2, atol=2e-2)  # the export is bfloat16
