@@ -80,11 +80,27 @@ def _tile_rows(tile_expert_ptr, tile_start_ptr, group_end_ptr, BLOCK_M: tl.const
 
 
 @triton.jit
+def _tile_matmul(a_ptr, a_rows, row_mask, w_ptr, expert, cols, col_mask, K_DIM, stride_we, stride_wk, stride_wn,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """(BLOCK_M, BLOCK_N) float32 tile of a[a_rows] @ w[expert][:, cols]: a (*, K_DIM) row-major, read at the
+    given rows (the gather happens in the loads), w[expert] (K_DIM, *) through strides (views welcome)."""
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K_DIM, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        k_mask = ks < K_DIM
+        a = tl.load(a_ptr + a_rows[:, None] * K_DIM + ks[None, :], mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+        w = tl.load(w_ptr + expert * stride_we + ks[:, None] * stride_wk + cols[None, :] * stride_wn,
+                    mask=k_mask[:, None] & col_mask[None, :], other=0.0)
+        acc += tl.dot(a, w)
+    return acc
+
+
+@triton.jit
 def _up_gate_swiglu_kernel(x_ptr, w_ptr, tokens_ptr, pre_ptr, act_ptr, tile_expert_ptr, tile_start_ptr,
                            group_end_ptr, C, H, stride_we, stride_wc, stride_wh,
                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """pre[r] = x[tokens[r]] @ w[e] (gate and up halves, 2H), act[r] = silu(gate) * up, for a (BLOCK_M rows,
-    BLOCK_N hidden columns) tile; the gather of x happens in the loads."""
+    BLOCK_N hidden columns) tile; the gather of x happens in the loads, each loaded x tile feeds both halves."""
     expert, start, end, rows, row_mask = _tile_rows(tile_expert_ptr, tile_start_ptr, group_end_ptr, BLOCK_M)
     if start >= end:
         return
@@ -121,14 +137,8 @@ def _grouped_matmul_scatter_kernel(a_ptr, w_ptr, scale_ptr, out_rows_ptr, out_pt
         return
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     col_mask = cols < N_DIM
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K_DIM, BLOCK_K):
-        ks = k0 + tl.arange(0, BLOCK_K)
-        k_mask = ks < K_DIM
-        a = tl.load(a_ptr + rows[:, None] * K_DIM + ks[None, :], mask=row_mask[:, None] & k_mask[None, :], other=0.0)
-        w = tl.load(w_ptr + expert * stride_we + ks[:, None] * stride_wk + cols[None, :] * stride_wn,
-                    mask=k_mask[:, None] & col_mask[None, :], other=0.0)
-        acc += tl.dot(a, w)
+    acc = _tile_matmul(a_ptr, rows, row_mask, w_ptr, expert, cols, col_mask, K_DIM, stride_we, stride_wk, stride_wn,
+                       BLOCK_M, BLOCK_N, BLOCK_K)
     if SCALE:
         acc *= tl.load(scale_ptr + rows, mask=row_mask, other=0.0)[:, None]
     dest = tl.load(out_rows_ptr + rows, mask=row_mask, other=0)
@@ -150,14 +160,8 @@ def _down_swiglu_backward_kernel(dy_ptr, w_ptr, tokens_ptr, pre_ptr, scale_ptr, 
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     col_mask = cols < H
     token = tl.load(tokens_ptr + rows, mask=row_mask, other=0)
-    g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, C, BLOCK_K):
-        ks = k0 + tl.arange(0, BLOCK_K)
-        k_mask = ks < C
-        a = tl.load(dy_ptr + token[:, None] * C + ks[None, :], mask=row_mask[:, None] & k_mask[None, :], other=0.0)
-        w = tl.load(w_ptr + expert * stride_we + ks[:, None] * stride_wc + cols[None, :] * stride_wh,
-                    mask=k_mask[:, None] & col_mask[None, :], other=0.0)  # w_down[e]^T: (C, H) tile
-        g += tl.dot(a, w)
+    g = _tile_matmul(dy_ptr, token, row_mask, w_ptr, expert, cols, col_mask, C, stride_we, stride_wc, stride_wh,
+                     BLOCK_M, BLOCK_N, BLOCK_K)  # w_down[e]^T read as a (C, H) matrix
     mask = row_mask[:, None] & col_mask[None, :]
     pre = pre_ptr + rows[:, None] * (2 * H) + cols[None, :]
     gate = tl.load(pre, mask=mask, other=0.0).to(tl.float32)

@@ -39,15 +39,20 @@ def problem(N, C, H, E, K, seed=0, skip_experts=()):
 ])
 def test_torch_path_equals_dense_reference(N, C, H, E, K, skip):
     inputs = problem(N, C, H, E, K, skip_experts=skip)
-    y = moe_mlp_torch(*inputs)
-    y_ref = dense_reference(*inputs)
+    assert_same_values_and_gradients(moe_mlp_torch, dense_reference, inputs, skip, rtol=1e-5)
+
+
+def assert_same_values_and_gradients(fn, reference, inputs, empty_experts, rtol):
+    """fn and reference agree on the output and on the gradients of x, both weights and the routing
+    weights; experts that received no tokens get exact zero gradients."""
+    y, y_ref = fn(*inputs), reference(*inputs)
     torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
     grad = torch.randn_like(y)
     grads = torch.autograd.grad(y, inputs[:4], grad)
     grads_ref = torch.autograd.grad(y_ref, inputs[:4], grad)
-    for g, g_ref in zip(grads, grads_ref):
-        torch.testing.assert_close(g, g_ref, rtol=1e-5, atol=1e-5)
-    for e in skip:  # an expert with no tokens gets an exact zero gradient
+    for name, g, g_ref in zip(("x", "w_up_gate", "w_down", "weights"), grads, grads_ref):
+        torch.testing.assert_close(g, g_ref, rtol=rtol, atol=1e-5, msg=lambda m: f"{name}: {m}")
+    for e in empty_experts:
         assert (grads[1][e] == 0).all() and (grads[2][e] == 0).all()
 
 
@@ -81,16 +86,7 @@ TRITON_CASES = [
 def test_triton_path_equals_torch_path(N, C, H, E, K, skip, description):
     from kernels import moe_mlp_triton
     inputs = problem(N, C, H, E, K, seed=1, skip_experts=skip)
-    y_ref = moe_mlp_torch(*inputs)
-    y = moe_mlp_triton(*inputs)
-    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
-    grad = torch.randn_like(y)
-    grads_ref = torch.autograd.grad(y_ref, inputs[:4], grad)
-    grads = torch.autograd.grad(y, inputs[:4], grad)
-    for name, g, g_ref in zip(("x", "w_up_gate", "w_down", "weights"), grads, grads_ref):
-        torch.testing.assert_close(g, g_ref, rtol=1e-4, atol=1e-5, msg=lambda m: f"{name}: {m}")
-    for e in skip:  # experts without tokens: exact zero gradients
-        assert (grads[1][e] == 0).all() and (grads[2][e] == 0).all()
+    assert_same_values_and_gradients(moe_mlp_triton, moe_mlp_torch, inputs, skip, rtol=1e-4)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="Triton's interpreter (triton 3.6) computes tl.dot of "
