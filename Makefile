@@ -1,7 +1,8 @@
 # nanoEMO's two commands: `make demo` (the main job) and `make test` (the tests).
 # Both install the pinned requirements into .venv first (once, again when requirements.txt changes).
 #   make demo: prepare the corpus, train emo_tiny and std_tiny side by side (one core each), then prune
-#              every domain at 100/50/25/12.5% of the experts and evaluate: out/sweep_tiny/ (table, plots).
+#              every domain at 100/50/25/12.5% of the experts and evaluate: out/sweep_tiny/ (table, plots,
+#              training curves).
 #              Safe to interrupt: run it again and each step resumes or is skipped once done.
 PYTHON ?= python3
 VENV := .venv
@@ -31,3 +32,4 @@ train-%: corpus
 demo: corpus
 	$(MAKE) -j2 train-emo_tiny train-std_tiny
 	$(PY) eval.py --sweep --ckpt out/emo_tiny,out/std_tiny --out out/sweep_tiny
+	$(PY) eval.py --curves --ckpt out/emo_tiny,out/std_tiny --out out/sweep_tiny

@@ -7,6 +7,7 @@ retention table and curves (EMO vs the standard MoE) and a heatmap of expert usa
     python eval.py --ckpt out/emo_tiny
     python eval.py --ckpt out/emo_tiny/pruned/python-keep2-greedy.pt
     python eval.py --sweep --ckpt out/emo_tiny,out/std_tiny --keep 1.0,0.5,0.25,0.125 --out out/sweep_tiny
+    python eval.py --curves --ckpt out/emo_tiny,out/std_tiny --out out/sweep_tiny     # training curves
 
 A domain's validation documents are laid back to back and cut into windows of seq_len + 1 tokens (every
 token is predicted once); the last window is padded and its padding ignored. Only validation documents
@@ -101,11 +102,11 @@ def expert_usage(model, corpus, max_tokens):
     return torch.stack(usage)
 
 
-def sweep(paths, corpus, fractions, method, calib_docs, max_tokens, batch_size):
+def sweep(paths, corpus, fractions, method, calib_docs, max_tokens, batch_size, device):
     """Prune every model for every domain at every kept fraction (calibrating on the domain's calibration
     documents) and evaluate it on the domain's validation documents. Returns result rows, with changes
     relative to the full model, and {model name: expert usage}."""
-    full_models = {model_name(path): load_model(path)[0] for path in paths}
+    full_models = {model_name(path): load_model(path, device)[0] for path in paths}
     rows = []
     jobs = [(name, domain) for name in full_models for domain in corpus.domains]
     for name, domain in tqdm(jobs, desc="sweep (model x domain)"):
@@ -117,8 +118,8 @@ def sweep(paths, corpus, fractions, method, calib_docs, max_tokens, batch_size):
             model = copy.deepcopy(full)
             if keep < full.cfg.n_experts:
                 prune(model, batches, keep, method)
-            result = evaluate_domains(model, corpus, "val", model.cfg.seq_len, batch_size, max_tokens,
-                                      torch.device("cpu"), domains=[domain])[domain]
+            result = evaluate_domains(model, corpus, "val", model.cfg.seq_len, batch_size, max_tokens, device,
+                                      domains=[domain])[domain]
             base = base or result
             rows.append({"model": name, "domain": domain, "keep": keep, "fraction": fraction, **result,
                          "d_loss": result["loss"] - base["loss"], "d_loss_rel": result["loss"] / base["loss"] - 1,
@@ -218,6 +219,29 @@ def plot_usage(usage, domains, path):
     plt.close(fig)
 
 
+def plot_training(paths, path):
+    """Training curves of runs from their history.json: LM loss per step and mean validation loss."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, (train_ax, val_ax) = plt.subplots(1, 2, figsize=(11, 3.8))
+    for run in paths:
+        with open(os.path.join(run, "history.json")) as f:
+            history = json.load(f)
+        steps = [r["step"] for r in history]
+        train_ax.plot(steps, [r["lm_loss"] for r in history], label=model_name(run), alpha=0.8)
+        val = [(r["step"], sum(r["val"].values()) / len(r["val"])) for r in history if "val" in r]
+        val_ax.plot([v[0] for v in val], [v[1] for v in val], marker="o", label=model_name(run))
+    for ax, title in ((train_ax, "training LM loss"), (val_ax, "validation loss (mean over domains)")):
+        ax.set_xlabel("step")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def write_sweep(rows, usage, domains, out_dir):
     os.makedirs(out_dir, exist_ok=True)
     table = markdown_table(rows)
@@ -243,22 +267,30 @@ def main(argv=None):
     parser.add_argument("--max_tokens", type=int, default=16384, help="validation tokens per domain")
     parser.add_argument("--batch_size", type=int, default=16)
     parser.add_argument("--sweep", action="store_true", help="prune + evaluate every domain at every --keep")
+    parser.add_argument("--curves", action="store_true", help="plot the runs' training curves (history.json)")
     parser.add_argument("--keep", default="1.0,0.5,0.25,0.125", help="fractions of experts kept (sweep)")
     parser.add_argument("--method", default="greedy", choices=METHODS)
     parser.add_argument("--calib_docs", type=int, default=16)
     parser.add_argument("--out", default="out/sweep", help="where the sweep writes its table and plots")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
     paths = args.ckpt.split(",")
+    device = torch.device(args.device)
+    if args.curves:
+        os.makedirs(args.out, exist_ok=True)
+        plot_training(paths, os.path.join(args.out, "training_curves.png"))
+        print(f"wrote {args.out}/training_curves.png")
+        return
     corpus = Corpus(args.data_dir)
     for path in paths:  # fail before any work on a missing checkpoint
         if not is_hf_checkpoint(path):
             checkpoint_path(path)
     if not args.sweep:
         for path in paths:
-            model, _ = load_model(path)
+            model, _ = load_model(path, device)
             corpus.check_model(model.cfg.vocab_size, model.cfg.eos_id)
             results = evaluate_domains(model, corpus, "val", model.cfg.seq_len, args.batch_size, args.max_tokens,
-                                       torch.device("cpu"))
+                                       device)
             print(f"{model_name(path)}: {model.cfg.n_experts} experts, top {model.cfg.top_k}")
             print(f"{'domain':<12}{'loss':>8}{'ppl':>10}{'accuracy':>10}{'tokens':>9}")
             for domain, r in results.items():
@@ -267,7 +299,8 @@ def main(argv=None):
     fractions = [float(f) for f in args.keep.split(",")]
     if 1.0 not in fractions:
         raise ValueError("--keep must include 1.0: the changes are relative to the full model")
-    rows, usage = sweep(paths, corpus, fractions, args.method, args.calib_docs, args.max_tokens, args.batch_size)
+    rows, usage = sweep(paths, corpus, fractions, args.method, args.calib_docs, args.max_tokens, args.batch_size,
+                        device)
     print(write_sweep(rows, usage, corpus.domains, args.out))
     print(f"wrote {args.out}/table.md, results.csv, results.json, retention_loss.png, retention_accuracy.png, "
           "expert_usage.png")

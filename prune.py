@@ -75,11 +75,12 @@ def expert_scores(model, batches, method):
             lambda module, args, i=i: captured.__setitem__(("residual", i), args[0])))
         hooks.append(block.moe.register_forward_hook(
             lambda module, args, output, i=i: captured.__setitem__(("moe", i), (args[0], *output))))
-    totals = [torch.zeros(block.moe.router.n_routed) for block in model.layers]
+    device = model.embed.weight.device
+    totals = [torch.zeros(block.moe.router.n_routed, device=device) for block in model.layers]
     n_tokens = 0
     try:
         for idx in batches:
-            model(idx, token_routing=True)
+            model(idx.to(device), token_routing=True)
             n_tokens += idx.numel()
             for i, block in enumerate(model.layers):
                 moe_input, moe_output, routing = captured[("moe", i)]
@@ -87,7 +88,7 @@ def expert_scores(model, batches, method):
     finally:
         for hook in hooks:
             hook.remove()
-    return [t / n_tokens for t in totals]
+    return [t.cpu() / n_tokens for t in totals]
 
 
 def layer_score(moe, residual, moe_input, moe_output, routing, method):
@@ -99,16 +100,17 @@ def layer_score(moe, residual, moe_input, moe_output, routing, method):
     kr = router.k_routed
     chosen, weights = routing.experts[:, :kr], routing.weights[:, :kr]  # (N, kr)
     if method == "frequency":
-        return torch.zeros(router.n_routed).index_add_(0, chosen.flatten(), (weights > 0).flatten().float())
+        return torch.zeros(router.n_routed, device=h.device).index_add_(0, chosen.flatten(),
+                                                                         (weights > 0).flatten().float())
     # EASY-EP: how much the MoE changes the token's direction, times each expert's weighted output norm
     x = residual.flatten(0, 1)  # (N, C)
     importance = 1 - F.cosine_similarity(x, x + moe_output.flatten(0, 1), dim=-1)  # (N,)
-    scores = torch.zeros(router.n_routed)
+    scores = torch.zeros(router.n_routed, device=h.device)
     for e in range(router.n_routed):
         token, slot = (chosen == e).nonzero(as_tuple=True)
         if len(token):
             out = swiglu(h[token] @ moe.w_up_gate[e]) @ moe.w_down[e]  # (n_e, C)
-            scores[e] = (weights[token, slot] * out.norm(dim=-1) * importance[token]).sum()
+            scores[e] = (weights[token, slot] * out.float().norm(dim=-1) * importance[token].float()).sum()
     return scores
 
 
@@ -116,6 +118,7 @@ def prune_layer(moe, routed_ids):
     """Keep the routed experts routed_ids (sorted, layer-local) and the shared ones; slice the rest away."""
     router = moe.router
     keep = torch.cat([routed_ids, torch.arange(router.n_routed, router.n_routed + router.n_shared)])
+    keep = keep.to(router.gate.weight.device)
     router.gate.weight = nn.Parameter(router.gate.weight.data[keep].clone())
     moe.w_up_gate = nn.Parameter(moe.w_up_gate.data[keep].clone())
     moe.w_down = nn.Parameter(moe.w_down.data[keep].clone())
@@ -154,12 +157,13 @@ def main(argv=None):
     parser.add_argument("--calib_docs", type=int, default=16)
     parser.add_argument("--data_dir", default="data/multidomain")
     parser.add_argument("--seed", type=int, default=0, help="for --method random")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", default="", help="output path without extension "
                         "(default: out/pruned/MODEL/DOMAIN-keepK-METHOD)")
     parser.add_argument("--hf_out", default="", help="also export the pruned model in Hugging Face format here")
     args = parser.parse_args(argv)
     # every check before any work or writing
-    model, ckpt = load_model(args.ckpt)
+    model, ckpt = load_model(args.ckpt, args.device)
     corpus = Corpus(args.data_dir)
     corpus.check_model(model.cfg.vocab_size, model.cfg.eos_id)
     previous = ckpt.get("pruning")

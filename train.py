@@ -12,10 +12,12 @@ gradient accumulation, grad clipping, bf16 autocast on CUDA, optional torch.comp
 over the data-parallel group on every micro-batch (router.py). Per-domain validation loss every
 eval_interval. Checkpoints are atomic and carry the optimizer, RNG states and data position, so a resumed
 run reproduces the losses of an uninterrupted one; a NaN/inf loss stops the run without saving; SIGINT and
-SIGTERM end the run at the next step boundary with a checkpoint.
+SIGTERM end the run at the next step boundary with a checkpoint. out_dir/ holds ckpt.pt, log.txt and
+history.json (every step's losses and statistics, for plots).
 """
 
 import dataclasses
+import json
 import math
 import os
 import platform
@@ -245,6 +247,7 @@ class Run:
         self.optimizer = configure_optimizer(self.raw, cfg, self.device)
         self.windows = TrainWindows(files, dtype, model_cfg.seq_len, cfg.batch_size, cfg.seed, self.rank, self.world)
         self.step = 0
+        self.history = []  # every step's record since the run began, resumes included
         torch.manual_seed(cfg.seed + self.rank)  # pool sizes differ between ranks, as their documents do
         tokens_per_step = cfg.batch_size * model_cfg.seq_len * cfg.grad_accum
         self.flops_per_step = self.raw.flops_per_token(model_cfg.seq_len) * tokens_per_step
@@ -257,6 +260,7 @@ class Run:
                              "RNG streams would differ; resume with the same number of ranks")
         load_full_state(self.raw, self.optimizer, ckpt["model"], ckpt["optimizer"])
         self.step = ckpt["step"]
+        self.history = ckpt["history"]
         self.windows.load_state_dict(ckpt["data"])
         set_rng_state(ckpt["rng"][self.rank], self.device)
 
@@ -326,7 +330,11 @@ class Run:
             save_checkpoint(os.path.join(self.cfg.out_dir, CHECKPOINT_NAME), {
                 "model_config": dataclasses.asdict(self.model_cfg), "model": model_state,
                 "optimizer": optim_state, "train_config": dataclasses.asdict(self.cfg), "step": self.step,
-                "world": self.world, "data": self.windows.state_dict(), "rng": rngs})
+                "world": self.world, "data": self.windows.state_dict(), "rng": rngs, "history": self.history})
+            history_file = os.path.join(self.cfg.out_dir, "history.json")
+            with open(history_file + ".tmp", "w") as f:
+                json.dump(self.history, f)
+            os.replace(history_file + ".tmp", history_file)
 
     def any_rank(self, flag):
         if self.world == 1:
@@ -350,6 +358,7 @@ def loop(run):
             record = run.train_step()
             step_time = time.time() - t0
             history.append(record)
+            run.history.append(record)
             if run.step % cfg.log_interval == 0 or run.step == last_step:
                 eta = (time.time() - started) / (run.step - first_step) * (last_step - run.step)
                 run.log_step(record, step_time, eta)
