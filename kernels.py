@@ -292,6 +292,9 @@ class TritonMoE(torch.autograd.Function):
 
 def moe_mlp_triton(x, w_up_gate, w_down, weights, experts):
     """Fused Triton expert computation (see the file docstring); the same interface as moe_mlp_torch."""
+    if torch.is_autocast_enabled(x.device.type):  # autocast cannot see into a custom Function: cast as it would
+        dtype = torch.get_autocast_dtype(x.device.type)
+        x, w_up_gate, w_down = x.to(dtype), w_up_gate.to(dtype), w_down.to(dtype)
     return TritonMoE.apply(x, w_up_gate, w_down, weights, experts)
 
 
