@@ -5,6 +5,7 @@ and 2-process DDP / FSDP2 runs (gloo on CPU) against a single-process run.
 """
 
 import dataclasses
+import json
 import os
 import subprocess
 import sys
@@ -37,6 +38,10 @@ def test_resume_reproduces_an_uninterrupted_run(tiny_corpus, tmp_path):
     assert torch.equal(flat_params(straight), flat_params(resumed))
     log = open(tmp_path / "b" / "log.txt").read()
     assert "step 00003" in log and "initialised from resume at step 3" in log and "val loss" in log
+    history = json.load(open(tmp_path / "b" / "history.json"))  # the whole run, across the resume
+    assert [r["step"] for r in history] == [1, 2, 3, 4, 5, 6]
+    assert [r["loss"] for r in history] == [r["loss"] for r in straight_history]
+    assert "val" in history[2] and "val" in history[5]
 
 
 def test_killed_write_leaves_previous_checkpoint(tmp_path, monkeypatch):
