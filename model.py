@@ -17,7 +17,8 @@ Shape letters used across the project:
 
     from model import ModelConfig, EMO
     model = EMO(ModelConfig(vocab_size=4096, eos_id=0))
-    logits, loss, stats = model(idx, targets)
+    _, loss, stats = model(idx, targets)     # training: the loss (logits are never all held at once)
+    logits, _, _ = model(idx)                # inference: logits (B, T, V)
 """
 
 from dataclasses import dataclass

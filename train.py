@@ -345,19 +345,19 @@ class Run:
 
 
 def loop(run):
-    """Steps until max_steps (or stop_after, or a signal), logging, evaluating and checkpointing."""
+    """Steps until max_steps (or stop_after, or a signal), logging, evaluating and checkpointing.
+    Returns the records of this invocation's steps."""
     cfg = run.cfg
     last_step = min(cfg.max_steps, cfg.stop_after or cfg.max_steps)
     stop_requested = []  # SIGINT / SIGTERM end the run at the next step boundary, checkpointed
     handler = lambda signum, frame: stop_requested.append(signum)  # noqa: E731
     previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
-    history, started, first_step = [], time.time(), run.step
+    started, first_step, first_record = time.time(), run.step, len(run.history)
     try:
         while run.step < last_step:
             t0 = time.time()
             record = run.train_step()
             step_time = time.time() - t0
-            history.append(record)
             run.history.append(record)
             if run.step % cfg.log_interval == 0 or run.step == last_step:
                 eta = (time.time() - started) / (run.step - first_step) * (last_step - run.step)
@@ -375,7 +375,7 @@ def loop(run):
         for sig, previous_handler in previous.items():
             signal.signal(sig, previous_handler)
     run.log(f"done: step {run.step} in {(time.time() - started) / 60:.1f} min")
-    return history
+    return run.history[first_record:]
 
 
 def train(argv):
