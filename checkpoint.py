@@ -21,18 +21,24 @@ from model import EMO, ModelConfig
 CHECKPOINT_NAME = "ckpt.pt"
 
 
-def save_checkpoint(path, payload):
+def atomic_write(path, write, mode="wb"):
+    """write(f) into a temporary file beside path, flushed to disk, then renamed over path: a write killed
+    half-way leaves the old file as it was."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = path + ".tmp"
     try:
-        with open(tmp, "wb") as f:
-            torch.save(payload, f)
+        with open(tmp, mode) as f:
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def save_checkpoint(path, payload):
+    atomic_write(path, lambda f: torch.save(payload, f))
 
 
 def checkpoint_path(path):

@@ -31,7 +31,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from checkpoint import CHECKPOINT_NAME, check_shapes, load_checkpoint, save_checkpoint
+from checkpoint import CHECKPOINT_NAME, atomic_write, check_shapes, load_checkpoint, save_checkpoint
 from configurator import parse_args
 from data.corpus import Corpus, TrainWindows, expand_train_files
 from eval import evaluate_domains
@@ -331,10 +331,7 @@ class Run:
                 "model_config": dataclasses.asdict(self.model_cfg), "model": model_state,
                 "optimizer": optim_state, "train_config": dataclasses.asdict(self.cfg), "step": self.step,
                 "world": self.world, "data": self.windows.state_dict(), "rng": rngs, "history": self.history})
-            history_file = os.path.join(self.cfg.out_dir, "history.json")
-            with open(history_file + ".tmp", "w") as f:
-                json.dump(self.history, f)
-            os.replace(history_file + ".tmp", history_file)
+            atomic_write(os.path.join(self.cfg.out_dir, "history.json"), lambda f: json.dump(self.history, f), "w")
 
     def any_rank(self, flag):
         if self.world == 1:

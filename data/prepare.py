@@ -57,7 +57,7 @@ def split_documents(documents, max_bytes, n_val, n_calib, seed):
 
 
 def make_tokenizer(name, train_docs, vocab_size, bpe_sample_bytes, out_dir):
-    """Load 'gpt2' / 'cl100k_base', or train a byte-level BPE of vocab_size (EOS included) on the training
+    """Load 'gpt2' / 'cl100k_base' / 'dolma2', or train a byte-level BPE of vocab_size (EOS included) on the training
     split (the first bpe_sample_bytes of each domain) and save its rank file. Returns (encoding, file)."""
     if name != "bpe":
         return load_tokenizer(name), name
