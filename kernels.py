@@ -8,21 +8,29 @@ The interface is the one every implementation shares:
     x (N, C) tokens, w_up_gate (E, C, 2H) gate then up projections of each expert, w_down (E, H, C),
     weights (N, K) routing weights, experts (N, K) expert indices; y (N, C) in x's dtype.
 The weight layout is "input x output" so that a group of tokens multiplies an expert's weight directly.
-Both implementations start the same way: the N*K (token, slot) pairs are sorted by expert, so that each
+All implementations start the same way: the N*K (token, slot) pairs are sorted by expert, so that each
 expert's tokens form one contiguous group ("sorted slots", NK = N*K rows).
 
-- moe_mlp_torch: pure torch, any device. Gathers a copy of the routed tokens, one matmul per expert group,
-  then a weighted scatter-add back. The readable reference.
-- moe_mlp_triton: four Triton kernels (forward and backward through an autograd Function) that
+Three paths, equal up to float rounding (tests/test_kernels.py):
+- 'loop' (moe_mlp_loop): one matmul per expert on its group, in a Python loop. The readable reference;
+  it needs the group sizes on the host (a sync) and launches 2E matmuls.
+- 'grouped_mm' (moe_mlp_grouped): the same computation as two grouped GEMMs, torch._grouped_mm with
+  group offsets from a cumsum: no host sync, no loop over experts, forward and backward by torch, and
+  torch.compile traces it whole. Runs on the CPU and on CUDA (bf16 on sm90+ has a CUTLASS kernel; other
+  CUDA dtypes/archs use torch's own fallback). It cannot run in float64 or before torch 2.8: there the
+  automatic choice is the loop, which computes the same thing.
+- 'triton' (moe_mlp_triton): four Triton kernels (forward and backward through an autograd Function) that
     * gather each expert's tokens inside the GEMM from the sorted index (no copy of the routed tokens),
     * fuse the SwiGLU activation into the first GEMM and the routing weight into the second,
     * write each slot's output to its own row and sum the K rows per token, so no atomics: deterministic,
     * handle experts without tokens (their weight gradient is written as zeros), any E, any top-k,
-    * compute the gradients of x, both weight tensors and the routing weights.
-  Tiles never straddle two experts: a tile plan made with tensor ops (no host sync) gives each row tile its
-  expert and first row. Runs on CUDA, and on CPU tensors under the Triton interpreter (TRITON_INTERPRET=1).
+    * compute the gradients of x, both weight tensors and the routing weights,
+    * pick their tile sizes with triton.autotune on the first call at each shape.
+  Row tiles never straddle two experts: each program finds its expert from the per-expert counts itself.
+  Runs on CUDA, and on CPU tensors under the Triton interpreter (TRITON_INTERPRET=1, one tile config).
 
-moe_mlp picks the Triton path on CUDA and the torch path elsewhere; NANOEMO_KERNEL=torch or =triton forces one.
+moe_mlp picks 'grouped_mm' wherever it can run (the CUDA default until a GPU measurement shows the Triton
+kernel faster at a config's shape, see README "Kernels"); NANOEMO_KERNEL=loop|grouped_mm|triton forces one.
 """
 
 import os
@@ -31,6 +39,9 @@ import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
+
+KERNELS = ("loop", "grouped_mm", "triton")
+GROUPED_MM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # what torch._grouped_mm accepts
 
 
 def sort_by_expert(experts, n_experts):
@@ -51,32 +62,89 @@ def swiglu(h):
     return F.silu(gate) * up
 
 
-def moe_mlp_torch(x, w_up_gate, w_down, weights, experts):
-    """Pure-torch expert computation, one matmul per expert on its sorted tokens (see the file docstring)."""
-    order, tokens, counts = sort_by_expert(experts, w_up_gate.shape[0])
-    x_sorted = x[tokens]  # (N*K, C) a copy of each token per chosen expert, grouped by expert
+def autocast_inputs(x, w_up_gate, w_down):
+    """Cast the operands as autocast would: it cannot see into torch._grouped_mm or a custom Function."""
+    if not torch.is_autocast_enabled(x.device.type):
+        return x, w_up_gate, w_down
+    dtype = torch.get_autocast_dtype(x.device.type)
+    return x.to(dtype), w_up_gate.to(dtype), w_down.to(dtype)
+
+
+def experts_by_loop(x_sorted, counts, w_up_gate, w_down):
+    """Expert outputs of the sorted slots, one matmul pair per expert: (NK, C) -> (NK, C)."""
     groups = x_sorted.split(counts.tolist())  # host sync: the group sizes; empty groups are fine
     # unbind, not w[e]: indexing would make backward fill a zero (E, C, 2H) gradient per expert
-    experts_w1, experts_w2 = w_up_gate.unbind(0), w_down.unbind(0)
-    y_sorted = torch.cat([swiglu(x_e @ w1) @ w2 for x_e, w1, w2 in zip(groups, experts_w1, experts_w2)])  # (N*K, C)
+    return torch.cat([swiglu(x_e @ w1) @ w2 for x_e, w1, w2 in zip(groups, w_up_gate.unbind(0), w_down.unbind(0))])
+
+
+def experts_by_grouped_mm(x_sorted, counts, w_up_gate, w_down):
+    """Expert outputs of the sorted slots as two grouped GEMMs: (NK, C) -> (NK, C), no host sync."""
+    group_ends = counts.cumsum(0).to(torch.int32)  # (E,) where each expert's rows end
+    act = swiglu(torch._grouped_mm(x_sorted, w_up_gate, offs=group_ends))  # (NK, H)
+    return torch._grouped_mm(act, w_down, offs=group_ends)  # (NK, C)
+
+
+def moe_mlp_sorted(x, w_up_gate, w_down, weights, experts, expert_outputs):
+    """Gather a copy of each routed token grouped by expert, run expert_outputs on the groups, then add the
+    weighted outputs back to their tokens (in float32)."""
+    order, tokens, counts = sort_by_expert(experts, w_up_gate.shape[0])
+    y_sorted = expert_outputs(x[tokens], counts, w_up_gate, w_down)  # (NK, C) grouped by expert
     y_sorted = y_sorted.float() * weights.flatten()[order, None].float()
     y = torch.zeros(x.shape, dtype=torch.float32, device=x.device).index_add_(0, tokens, y_sorted)  # (N, C)
     return y.to(x.dtype)
 
 
+def moe_mlp_loop(x, w_up_gate, w_down, weights, experts):
+    """The reference path: one matmul per expert on its sorted tokens (see the file docstring)."""
+    return moe_mlp_sorted(x, w_up_gate, w_down, weights, experts, experts_by_loop)
+
+
+def moe_mlp_grouped(x, w_up_gate, w_down, weights, experts):
+    """The grouped-GEMM path (see the file docstring); the same interface and results as moe_mlp_loop."""
+    if not grouped_mm_can_run(x.dtype):
+        raise RuntimeError(f"torch._grouped_mm cannot run here (torch {torch.__version__}, {x.dtype}): "
+                           "use NANOEMO_KERNEL=loop")
+    x, w_up_gate, w_down = autocast_inputs(x, w_up_gate, w_down)
+    return moe_mlp_sorted(x, w_up_gate, w_down, weights, experts, experts_by_grouped_mm)
+
+
+def grouped_mm_can_run(dtype):
+    """torch._grouped_mm exists from torch 2.8 and takes float32, bfloat16 and float16 (not float64)."""
+    return hasattr(torch, "_grouped_mm") and dtype in GROUPED_MM_DTYPES
+
 
 # ---------------------------------------------------------------------------------------------------------
 # Triton path. Shapes: NK sorted slots, C model width, H expert hidden, E experts; "rows" are sorted slots.
 
+def tile_configs(block_n=None):
+    """The tile sizes autotune tries on a GPU (one config under the interpreter, which cannot time them).
+    block_n pins BLOCK_N for a kernel whose output layout depends on it."""
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        return [triton.Config({"BLOCK_M": 64, "BLOCK_N": block_n or 64, "BLOCK_K": 32})]
+    shapes = [(64, 64, 32, 4, 3), (64, 128, 32, 4, 3), (128, 64, 32, 4, 3), (128, 128, 32, 8, 3),
+              (128, 128, 64, 8, 3), (64, 128, 64, 4, 4), (128, 256, 64, 8, 3)]
+    configs = {(m, block_n or n, k, w, s) for m, n, k, w, s in shapes}
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=s)
+            for m, n, k, w, s in sorted(configs)]
+
+
 @triton.jit
-def _tile_rows(tile_expert_ptr, tile_start_ptr, group_end_ptr, BLOCK_M: tl.constexpr):
-    """This program's row tile: its expert, the sorted-slot rows, and which rows lie inside the group."""
+def _tile_rows(counts_ptr, group_end_ptr, E, BLOCK_M: tl.constexpr, E_POW2: tl.constexpr):
+    """This program's row tile: its expert and the sorted-slot rows, found from the per-expert row counts
+    (each expert's rows cut into tiles of BLOCK_M, tiles numbered expert after expert; programs past the
+    last tile get expert >= E and no rows)."""
     tile = tl.program_id(0)
-    expert = tl.load(tile_expert_ptr + tile)
-    start = tl.load(tile_start_ptr + tile)
-    end = tl.load(group_end_ptr + expert)  # 0 for the spare tiles past the last expert (expert == E)
-    rows = start + tl.arange(0, BLOCK_M)
-    return expert, start, end, rows, rows < end
+    es = tl.arange(0, E_POW2)
+    counts = tl.load(counts_ptr + es, mask=es < E, other=0)  # (E_POW2,) rows per expert
+    ends = tl.load(group_end_ptr + es, mask=es < E, other=0)  # (E_POW2,) first row past each expert
+    tiles = (counts + BLOCK_M - 1) // BLOCK_M  # (E_POW2,) tiles per expert
+    tiles_end = tl.cumsum(tiles, 0)  # (E_POW2,) first tile past each expert
+    expert = tl.sum((tiles_end <= tile).to(tl.int32))  # experts wholly before this tile
+    this = es == expert  # one-hot of this tile's expert (all False for a spare tile)
+    first_tile = tl.sum(tl.where(this, tiles_end - tiles, 0))
+    end = tl.sum(tl.where(this, ends, 0))
+    rows = end - tl.sum(tl.where(this, counts, 0)) + (tile - first_tile) * BLOCK_M + tl.arange(0, BLOCK_M)
+    return expert, rows, rows < end, expert < E
 
 
 @triton.jit
@@ -95,92 +163,96 @@ def _tile_matmul(a_ptr, a_rows, row_mask, w_ptr, expert, cols, col_mask, K_DIM, 
     return acc
 
 
+@triton.autotune(configs=tile_configs(), key=["C", "H"])
 @triton.jit
-def _up_gate_swiglu_kernel(x_ptr, w_ptr, tokens_ptr, pre_ptr, act_ptr, tile_expert_ptr, tile_start_ptr,
-                           group_end_ptr, C, H, stride_we, stride_wc, stride_wh,
+def _up_gate_swiglu_kernel(x_ptr, w_ptr, tokens_ptr, pre_ptr, act_ptr, counts_ptr, group_end_ptr, E, C, H,
+                           stride_we, stride_wc, stride_wh, E_POW2: tl.constexpr,
                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """pre[r] = x[tokens[r]] @ w[e] (gate and up halves, 2H), act[r] = silu(gate) * up, for a (BLOCK_M rows,
     BLOCK_N hidden columns) tile; the gather of x happens in the loads, each loaded x tile feeds both halves."""
-    expert, start, end, rows, row_mask = _tile_rows(tile_expert_ptr, tile_start_ptr, group_end_ptr, BLOCK_M)
-    if start >= end:
-        return
-    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    col_mask = cols < H
-    token = tl.load(tokens_ptr + rows, mask=row_mask, other=0)
-    gate = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, C, BLOCK_K):
-        ks = k0 + tl.arange(0, BLOCK_K)
-        k_mask = ks < C
-        a = tl.load(x_ptr + token[:, None] * C + ks[None, :], mask=row_mask[:, None] & k_mask[None, :], other=0.0)
-        w = w_ptr + expert * stride_we + ks[:, None] * stride_wc + cols[None, :] * stride_wh
-        w_mask = k_mask[:, None] & col_mask[None, :]
-        gate += tl.dot(a, tl.load(w, mask=w_mask, other=0.0))
-        up += tl.dot(a, tl.load(w + H * stride_wh, mask=w_mask, other=0.0))
-    act = gate * tl.sigmoid(gate) * up
-    mask = row_mask[:, None] & col_mask[None, :]
-    out = rows[:, None] * (2 * H) + cols[None, :]
-    tl.store(pre_ptr + out, gate.to(pre_ptr.dtype.element_ty), mask=mask)
-    tl.store(pre_ptr + out + H, up.to(pre_ptr.dtype.element_ty), mask=mask)
-    tl.store(act_ptr + rows[:, None] * H + cols[None, :], act.to(act_ptr.dtype.element_ty), mask=mask)
+    expert, rows, row_mask, real = _tile_rows(counts_ptr, group_end_ptr, E, BLOCK_M, E_POW2)
+    if real:
+        cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        col_mask = cols < H
+        token = tl.load(tokens_ptr + rows, mask=row_mask, other=0)
+        gate = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, C, BLOCK_K):
+            ks = k0 + tl.arange(0, BLOCK_K)
+            k_mask = ks < C
+            a = tl.load(x_ptr + token[:, None] * C + ks[None, :], mask=row_mask[:, None] & k_mask[None, :],
+                        other=0.0)
+            w = w_ptr + expert * stride_we + ks[:, None] * stride_wc + cols[None, :] * stride_wh
+            w_mask = k_mask[:, None] & col_mask[None, :]
+            gate += tl.dot(a, tl.load(w, mask=w_mask, other=0.0))
+            up += tl.dot(a, tl.load(w + H * stride_wh, mask=w_mask, other=0.0))
+        act = gate * tl.sigmoid(gate) * up
+        mask = row_mask[:, None] & col_mask[None, :]
+        out = rows[:, None] * (2 * H) + cols[None, :]
+        tl.store(pre_ptr + out, gate.to(pre_ptr.dtype.element_ty), mask=mask)
+        tl.store(pre_ptr + out + H, up.to(pre_ptr.dtype.element_ty), mask=mask)
+        tl.store(act_ptr + rows[:, None] * H + cols[None, :], act.to(act_ptr.dtype.element_ty), mask=mask)
 
 
+@triton.autotune(configs=tile_configs(), key=["K_DIM", "N_DIM"])
 @triton.jit
-def _grouped_matmul_scatter_kernel(a_ptr, w_ptr, scale_ptr, out_rows_ptr, out_ptr, tile_expert_ptr,
-                                   tile_start_ptr, group_end_ptr, K_DIM, N_DIM, stride_we, stride_wk, stride_wn,
-                                   SCALE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+def _grouped_matmul_scatter_kernel(a_ptr, w_ptr, scale_ptr, out_rows_ptr, out_ptr, counts_ptr, group_end_ptr, E,
+                                   K_DIM, N_DIM, stride_we, stride_wk, stride_wn, SCALE: tl.constexpr,
+                                   E_POW2: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                                    BLOCK_K: tl.constexpr):
     """out[out_rows[r]] = scale[r] * a[r] @ w[e]: a (NK, K_DIM) sorted rows, w[e] (K_DIM, N_DIM) through
     strides (a transposed view works), out (NK, N_DIM) in slot order, one row per (token, slot)."""
-    expert, start, end, rows, row_mask = _tile_rows(tile_expert_ptr, tile_start_ptr, group_end_ptr, BLOCK_M)
-    if start >= end:
-        return
-    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    col_mask = cols < N_DIM
-    acc = _tile_matmul(a_ptr, rows, row_mask, w_ptr, expert, cols, col_mask, K_DIM, stride_we, stride_wk, stride_wn,
-                       BLOCK_M, BLOCK_N, BLOCK_K)
-    if SCALE:
-        acc *= tl.load(scale_ptr + rows, mask=row_mask, other=0.0)[:, None]
-    dest = tl.load(out_rows_ptr + rows, mask=row_mask, other=0)
-    tl.store(out_ptr + dest[:, None] * N_DIM + cols[None, :], acc.to(out_ptr.dtype.element_ty),
-             mask=row_mask[:, None] & col_mask[None, :])
+    expert, rows, row_mask, real = _tile_rows(counts_ptr, group_end_ptr, E, BLOCK_M, E_POW2)
+    if real:
+        cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        col_mask = cols < N_DIM
+        acc = _tile_matmul(a_ptr, rows, row_mask, w_ptr, expert, cols, col_mask, K_DIM, stride_we, stride_wk,
+                           stride_wn, BLOCK_M, BLOCK_N, BLOCK_K)
+        if SCALE:
+            acc *= tl.load(scale_ptr + rows, mask=row_mask, other=0.0)[:, None]
+        dest = tl.load(out_rows_ptr + rows, mask=row_mask, other=0)
+        tl.store(out_ptr + dest[:, None] * N_DIM + cols[None, :], acc.to(out_ptr.dtype.element_ty),
+                 mask=row_mask[:, None] & col_mask[None, :])
 
 
+SCALE_GRAD_BLOCK_N = 64  # fixed: the routing-weight gradient keeps one partial sum per column tile
+
+
+@triton.autotune(configs=tile_configs(block_n=SCALE_GRAD_BLOCK_N), key=["C", "H"])
 @triton.jit
-def _down_swiglu_backward_kernel(dy_ptr, w_ptr, tokens_ptr, pre_ptr, scale_ptr, d_pre_ptr, d_scale_ptr,
-                                 tile_expert_ptr, tile_start_ptr, group_end_ptr, C, H, stride_we, stride_wh,
-                                 stride_wc, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+def _down_swiglu_backward_kernel(dy_ptr, w_ptr, tokens_ptr, pre_ptr, scale_ptr, d_pre_ptr, d_scale_ptr, counts_ptr,
+                                 group_end_ptr, E, C, H, stride_we, stride_wh, stride_wc, E_POW2: tl.constexpr,
+                                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """Back through the routing weight, the down projection and SwiGLU, for a (rows, hidden columns) tile:
     g = dy[tokens[r]] @ w_down[e]^T; d_scale partial = sum(g * act) over the tile's columns;
     d_act = scale * g; d_pre = (d_act * up * silu'(gate), d_act * silu(gate))."""
-    expert, start, end, rows, row_mask = _tile_rows(tile_expert_ptr, tile_start_ptr, group_end_ptr, BLOCK_M)
-    if start >= end:
-        return
-    pid_n = tl.program_id(1)
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    col_mask = cols < H
-    token = tl.load(tokens_ptr + rows, mask=row_mask, other=0)
-    g = _tile_matmul(dy_ptr, token, row_mask, w_ptr, expert, cols, col_mask, C, stride_we, stride_wc, stride_wh,
-                     BLOCK_M, BLOCK_N, BLOCK_K)  # w_down[e]^T read as a (C, H) matrix
-    mask = row_mask[:, None] & col_mask[None, :]
-    pre = pre_ptr + rows[:, None] * (2 * H) + cols[None, :]
-    gate = tl.load(pre, mask=mask, other=0.0).to(tl.float32)
-    up = tl.load(pre + H, mask=mask, other=0.0).to(tl.float32)
-    sig = tl.sigmoid(gate)
-    silu = gate * sig
-    tl.store(d_scale_ptr + rows * tl.num_programs(1) + pid_n, tl.sum(g * silu * up, axis=1), mask=row_mask)
-    d_act = g * tl.load(scale_ptr + rows, mask=row_mask, other=0.0)[:, None]
-    d_gate = d_act * up * sig * (1 + gate * (1 - sig))
-    d_pre = d_pre_ptr + rows[:, None] * (2 * H) + cols[None, :]
-    tl.store(d_pre, d_gate.to(d_pre_ptr.dtype.element_ty), mask=mask)
-    tl.store(d_pre + H, (d_act * silu).to(d_pre_ptr.dtype.element_ty), mask=mask)
+    expert, rows, row_mask, real = _tile_rows(counts_ptr, group_end_ptr, E, BLOCK_M, E_POW2)
+    if real:
+        pid_n = tl.program_id(1)
+        cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        col_mask = cols < H
+        token = tl.load(tokens_ptr + rows, mask=row_mask, other=0)
+        g = _tile_matmul(dy_ptr, token, row_mask, w_ptr, expert, cols, col_mask, C, stride_we, stride_wc,
+                         stride_wh, BLOCK_M, BLOCK_N, BLOCK_K)  # w_down[e]^T read as a (C, H) matrix
+        mask = row_mask[:, None] & col_mask[None, :]
+        pre = pre_ptr + rows[:, None] * (2 * H) + cols[None, :]
+        gate = tl.load(pre, mask=mask, other=0.0).to(tl.float32)
+        up = tl.load(pre + H, mask=mask, other=0.0).to(tl.float32)
+        sig = tl.sigmoid(gate)
+        silu = gate * sig
+        tl.store(d_scale_ptr + rows * tl.num_programs(1) + pid_n, tl.sum(g * silu * up, axis=1), mask=row_mask)
+        d_act = g * tl.load(scale_ptr + rows, mask=row_mask, other=0.0)[:, None]
+        d_gate = d_act * up * sig * (1 + gate * (1 - sig))
+        d_pre = d_pre_ptr + rows[:, None] * (2 * H) + cols[None, :]
+        tl.store(d_pre, d_gate.to(d_pre_ptr.dtype.element_ty), mask=mask)
+        tl.store(d_pre + H, (d_act * silu).to(d_pre_ptr.dtype.element_ty), mask=mask)
 
 
+@triton.autotune(configs=tile_configs(), key=["M_DIM", "N_DIM"])
 @triton.jit
-def _grouped_weight_grad_kernel(a_ptr, b_ptr, a_rows_ptr, b_rows_ptr, scale_ptr, dw_ptr, group_start_ptr,
-                                group_end_ptr, M_DIM, N_DIM, GATHER_A: tl.constexpr, GATHER_B: tl.constexpr,
-                                SCALE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                                BLOCK_K: tl.constexpr):
+def _grouped_weight_grad_kernel(a_ptr, b_ptr, a_rows_ptr, b_rows_ptr, scale_ptr, dw_ptr, counts_ptr, group_end_ptr,
+                                M_DIM, N_DIM, GATHER_A: tl.constexpr, GATHER_B: tl.constexpr, SCALE: tl.constexpr,
+                                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """dw[e] = a[rows of e]^T @ (scale * b[rows of e]): (M_DIM, N_DIM) for one expert and one output tile.
     a rows are x[tokens[r]] (GATHER_A) or sorted rows, likewise b. Every program owns its output tile, so no
     atomics; an expert with no rows gets zeros."""
@@ -189,8 +261,8 @@ def _grouped_weight_grad_kernel(a_ptr, b_ptr, a_rows_ptr, b_rows_ptr, scale_ptr,
     ms = (tl.program_id(1) // n_tiles_n) * BLOCK_M + tl.arange(0, BLOCK_M)
     ns = (tl.program_id(1) % n_tiles_n) * BLOCK_N + tl.arange(0, BLOCK_N)
     m_mask, n_mask = ms < M_DIM, ns < N_DIM
-    start = tl.load(group_start_ptr + expert)
     end = tl.load(group_end_ptr + expert)
+    start = end - tl.load(counts_ptr + expert)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for r0 in range(start, end, BLOCK_K):
         rs = r0 + tl.arange(0, BLOCK_K)
@@ -210,23 +282,14 @@ def _grouped_weight_grad_kernel(a_ptr, b_ptr, a_rows_ptr, b_rows_ptr, scale_ptr,
              mask=m_mask[:, None] & n_mask[None, :])
 
 
-def tile_plan(counts, n_rows, block_m):
-    """Row tiles that never straddle two experts, made with tensor ops only (no host sync). counts (E,) rows
-    per expert, n_rows = NK. Returns tile_expert, tile_start (T,) for T = cdiv(NK, block_m) + E tiles (an
-    upper bound: the spare ones get expert E and start 0), group_start (E,) and group_end (E + 1,), end[E] = 0."""
-    E = counts.shape[0]
-    group_end = counts.cumsum(0)
-    group_start = group_end - counts
-    tiles = (counts + block_m - 1) // block_m  # (E,)
-    first_tile = tiles.cumsum(0) - tiles
-    t = torch.arange(triton.cdiv(n_rows, block_m) + E, device=counts.device)
-    tile_expert = torch.searchsorted(tiles.cumsum(0), t, right=True)  # E past the last real tile
-    e = tile_expert.clamp(max=E - 1)
-    tile_start = torch.where(tile_expert < E, group_start[e] + (t - first_tile[e]) * block_m, 0)
-    return tile_expert, tile_start, group_start, torch.cat([group_end, group_end.new_zeros(1)])
+def row_tiles_grid(NK, E, n_cols):
+    """Grid of the row-tile kernels for any tile config: an upper bound on the row tiles (each expert may
+    leave one partial tile) by the column tiles."""
+    return lambda meta: (triton.cdiv(NK, meta["BLOCK_M"]) + E, triton.cdiv(n_cols, meta["BLOCK_N"]))
 
 
-BLOCK = {"M": 64, "N": 64, "K": 32}  # tile sizes; the interpreter runs them on the CPU too
+def weight_grid(E, M_DIM, N_DIM):
+    return lambda meta: (E, triton.cdiv(M_DIM, meta["BLOCK_M"]) * triton.cdiv(N_DIM, meta["BLOCK_N"]))
 
 
 class TritonMoE(torch.autograd.Function):
@@ -235,82 +298,77 @@ class TritonMoE(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, w_up_gate, w_down, weights, experts):
         (N, C), (E, _, H2), K = x.shape, w_up_gate.shape, experts.shape[1]
-        H, NK = H2 // 2, N * K
+        H, NK, E_POW2 = H2 // 2, N * K, triton.next_power_of_2(E)
         x, w_up_gate, w_down = x.contiguous(), w_up_gate.contiguous(), w_down.contiguous()
         order, tokens, counts = sort_by_expert(experts, E)
-        tile_expert, tile_start, group_start, group_end = plan = tile_plan(counts, NK, BLOCK["M"])
+        group_end = counts.cumsum(0)
         scale = weights.flatten()[order].float().contiguous()  # (NK,) routing weight of each sorted slot
         pre = x.new_empty(NK, 2 * H)  # gate and up pre-activations, kept for the backward
         act = x.new_empty(NK, H)
-        grid = (tile_expert.numel(), triton.cdiv(H, BLOCK["N"]))
-        _up_gate_swiglu_kernel[grid](x, w_up_gate, tokens, pre, act, *plan[:2], group_end, C, H,
-                                     *w_up_gate.stride(), BLOCK_M=BLOCK["M"], BLOCK_N=BLOCK["N"], BLOCK_K=BLOCK["K"])
+        _up_gate_swiglu_kernel[row_tiles_grid(NK, E, H)](x, w_up_gate, tokens, pre, act, counts, group_end, E, C, H,
+                                                          *w_up_gate.stride(), E_POW2=E_POW2)
         y_slots = x.new_empty(NK, C)  # one output row per (token, slot), summed below: no atomics
-        grid = (tile_expert.numel(), triton.cdiv(C, BLOCK["N"]))
-        _grouped_matmul_scatter_kernel[grid](act, w_down, scale, order, y_slots, *plan[:2], group_end, H, C,
-                                             *w_down.stride(), SCALE=True, BLOCK_M=BLOCK["M"], BLOCK_N=BLOCK["N"],
-                                             BLOCK_K=BLOCK["K"])
-        ctx.save_for_backward(x, w_up_gate, w_down, scale, order, tokens, pre, act, *plan)
+        _grouped_matmul_scatter_kernel[row_tiles_grid(NK, E, C)](act, w_down, scale, order, y_slots, counts, group_end,
+                                                                  E, H, C, *w_down.stride(), SCALE=True, E_POW2=E_POW2)
+        ctx.save_for_backward(x, w_up_gate, w_down, scale, order, tokens, pre, act, counts, group_end)
         ctx.weights_dtype = weights.dtype
         return y_slots.view(N, K, C).sum(1, dtype=torch.float32).to(x.dtype)
 
     @staticmethod
     def backward(ctx, dy):
-        x, w_up_gate, w_down, scale, order, tokens, pre, act, tile_expert, tile_start, group_start, group_end = \
-            ctx.saved_tensors
+        x, w_up_gate, w_down, scale, order, tokens, pre, act, counts, group_end = ctx.saved_tensors
         (N, C), (E, H, _), NK = x.shape, w_down.shape, pre.shape[0]
+        E_POW2 = triton.next_power_of_2(E)
         dy = dy.contiguous().to(x.dtype)
-        blocks = dict(BLOCK_M=BLOCK["M"], BLOCK_N=BLOCK["N"], BLOCK_K=BLOCK["K"])
-        rows_grid = tile_expert.numel()
         # through the routing weight, w_down and SwiGLU: d_pre (NK, 2H), routing-weight partial sums
         d_pre = x.new_empty(NK, 2 * H)
-        d_scale = torch.empty(NK, triton.cdiv(H, BLOCK["N"]), dtype=torch.float32, device=x.device)
+        d_scale = torch.empty(NK, triton.cdiv(H, SCALE_GRAD_BLOCK_N), dtype=torch.float32, device=x.device)
         w_down_t = w_down.stride()  # w_down[e]^T (C, H) read through w_down's strides
-        _down_swiglu_backward_kernel[(rows_grid, d_scale.shape[1])](
-            dy, w_down, tokens, pre, scale, d_pre, d_scale, tile_expert, tile_start, group_end, C, H,
-            w_down_t[0], w_down_t[1], w_down_t[2], **blocks)
+        _down_swiglu_backward_kernel[row_tiles_grid(NK, E, H)](
+            dy, w_down, tokens, pre, scale, d_pre, d_scale, counts, group_end, E, C, H,
+            w_down_t[0], w_down_t[1], w_down_t[2], E_POW2=E_POW2)
         # d_x: d_pre @ w_up_gate[e]^T, one row per slot, summed per token
         dx_slots = x.new_empty(NK, C)
         w1 = w_up_gate.stride()  # w_up_gate[e]^T (2H, C): k along 2H (stride 2), n along C (stride 1)
-        _grouped_matmul_scatter_kernel[(rows_grid, triton.cdiv(C, BLOCK["N"]))](
-            d_pre, w_up_gate, scale, order, dx_slots, tile_expert, tile_start, group_end, 2 * H, C, w1[0], w1[2],
-            w1[1], SCALE=False, **blocks)
+        _grouped_matmul_scatter_kernel[row_tiles_grid(NK, E, C)](
+            d_pre, w_up_gate, scale, order, dx_slots, counts, group_end, E, 2 * H, C, w1[0], w1[2], w1[1],
+            SCALE=False, E_POW2=E_POW2)
         dx = dx_slots.view(N, -1, C).sum(1, dtype=torch.float32).to(x.dtype)
         # weight gradients, one expert and one output tile per program
         d_w_down = torch.empty_like(w_down)  # act^T @ (scale * dy[tokens])
-        _grouped_weight_grad_kernel[(E, triton.cdiv(H, BLOCK["M"]) * triton.cdiv(C, BLOCK["N"]))](
-            act, dy, tokens, tokens, scale, d_w_down, group_start, group_end, H, C, GATHER_A=False, GATHER_B=True,
-            SCALE=True, **blocks)
+        _grouped_weight_grad_kernel[weight_grid(E, H, C)](
+            act, dy, tokens, tokens, scale, d_w_down, counts, group_end, H, C, GATHER_A=False, GATHER_B=True,
+            SCALE=True)
         d_w_up_gate = torch.empty_like(w_up_gate)  # x[tokens]^T @ d_pre
-        _grouped_weight_grad_kernel[(E, triton.cdiv(C, BLOCK["M"]) * triton.cdiv(2 * H, BLOCK["N"]))](
-            x, d_pre, tokens, tokens, scale, d_w_up_gate, group_start, group_end, C, 2 * H, GATHER_A=True,
-            GATHER_B=False, SCALE=False, **blocks)
+        _grouped_weight_grad_kernel[weight_grid(E, C, 2 * H)](
+            x, d_pre, tokens, tokens, scale, d_w_up_gate, counts, group_end, C, 2 * H, GATHER_A=True,
+            GATHER_B=False, SCALE=False)
         d_weights = torch.empty(NK, dtype=torch.float32, device=x.device)
         d_weights[order] = d_scale.sum(1)  # back from sorted slots to (token, slot) order
         return dx, d_w_up_gate, d_w_down, d_weights.view(N, -1).to(ctx.weights_dtype), None
 
 
 def moe_mlp_triton(x, w_up_gate, w_down, weights, experts):
-    """Fused Triton expert computation (see the file docstring); the same interface as moe_mlp_torch."""
-    if torch.is_autocast_enabled(x.device.type):  # autocast cannot see into a custom Function: cast as it would
-        dtype = torch.get_autocast_dtype(x.device.type)
-        x, w_up_gate, w_down = x.to(dtype), w_up_gate.to(dtype), w_down.to(dtype)
-    return TritonMoE.apply(x, w_up_gate, w_down, weights, experts)
+    """Fused Triton expert computation (see the file docstring); the same interface as moe_mlp_loop."""
+    return TritonMoE.apply(*autocast_inputs(x, w_up_gate, w_down), weights, experts)
 
 
-def kernel_choice(device):
-    """'triton' on CUDA, 'torch' elsewhere, unless NANOEMO_KERNEL says otherwise; with the reason."""
+def kernel_choice(device, dtype=torch.float32):
+    """Which path runs the experts for tensors of this device and dtype, and why."""
     forced = os.environ.get("NANOEMO_KERNEL", "auto")
-    if forced not in ("auto", "torch", "triton"):
-        raise ValueError(f"NANOEMO_KERNEL must be auto, torch or triton, got {forced!r}")
+    if forced not in ("auto", *KERNELS):
+        raise ValueError(f"NANOEMO_KERNEL must be auto, {', '.join(KERNELS)}; got {forced!r}")
     if forced != "auto":
         return forced, "forced by NANOEMO_KERNEL"
-    if device.type == "cuda":
-        return "triton", "CUDA device"
-    return "torch", f"{device.type} device (Triton needs CUDA, or TRITON_INTERPRET=1 with NANOEMO_KERNEL=triton)"
+    if grouped_mm_can_run(dtype):
+        return "grouped_mm", f"torch._grouped_mm runs {dtype} on {device.type}"
+    return "loop", f"torch._grouped_mm cannot run {dtype} (torch {torch.__version__})"
+
+
+PATHS = {"loop": moe_mlp_loop, "grouped_mm": moe_mlp_grouped, "triton": moe_mlp_triton}
 
 
 def moe_mlp(x, w_up_gate, w_down, weights, experts):
-    """The expert computation by the path kernel_choice() picks for x's device."""
-    path = moe_mlp_triton if kernel_choice(x.device)[0] == "triton" else moe_mlp_torch
-    return path(x, w_up_gate, w_down, weights, experts)
+    """The expert computation by the path kernel_choice() picks for x's device and compute dtype."""
+    dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+    return PATHS[kernel_choice(x.device, dtype)[0]](x, w_up_gate, w_down, weights, experts)

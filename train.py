@@ -226,7 +226,7 @@ def log_header(log, cfg, model_cfg, raw, device, autocast_dtype, world, files):
     total, active = raw.num_params()
     log(f"nanoEMO | python {platform.python_version()} | torch {torch.__version__} | device {device} x {world} "
         f"({cfg.parallel if world > 1 else 'single process'})")
-    kernel, reason = kernel_choice(device)
+    kernel, reason = kernel_choice(device, autocast_dtype)
     log(f"dtype {autocast_dtype} ({'bf16 autocast on CUDA' if autocast_dtype == torch.bfloat16 else 'float32'}) | "
         f"expert kernel: {kernel} ({reason}) | compile {cfg.compile}")
     log(f"model: {dataclasses.asdict(model_cfg)}")

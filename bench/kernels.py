@@ -1,17 +1,19 @@
 """
 Expert-computation benchmark: forward + backward time and TFLOP/s of every way to run the SwiGLU experts of
 top-k routed tokens, at two shapes, and the whole MoE layer (document-pool router included) against the bare
-expert computation. Ratios are to torch._grouped_mm and to a dense GEMM chain of equal FLOPs (the ceiling).
+expert computation. Ratios are to the grouped_mm path and to a dense GEMM chain of equal FLOPs (the ceiling).
 Not a test.
 
     python bench/kernels.py                       # on a GPU: shapes 'release' and 'small', bfloat16
-    python bench/kernels.py --shapes cpu          # on a CPU: a toy shape, the torch paths only
+    python bench/kernels.py --shapes cpu          # on a CPU: a toy shape, float32, no Triton
+    python bench/kernels.py --json out.json       # also write every time and ratio as JSON
 
     release   16384 tokens, d 2048, expert hidden 1024, 128 experts, top 8 (the 1B/14B model's layer)
     small     32768 tokens, d 768, hidden 384, 64 experts, top 8
 """
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -20,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from kernels import moe_mlp_torch, moe_mlp_triton, sort_by_expert, swiglu  # noqa: E402
+from kernels import moe_mlp_grouped, moe_mlp_loop, moe_mlp_triton, swiglu  # noqa: E402
 from model import MoE, ModelConfig  # noqa: E402
 from router import document_ids  # noqa: E402
 
@@ -31,16 +33,7 @@ SHAPES = {
 }
 
 
-def moe_mlp_grouped_mm(x, w_up_gate, w_down, weights, experts):
-    """torch._grouped_mm on the sorted tokens (a copy of each routed token), then a weighted index_add."""
-    order, tokens, counts = sort_by_expert(experts, w_up_gate.shape[0])
-    offsets = counts.cumsum(0).to(torch.int32)
-    act = swiglu(torch._grouped_mm(x[tokens], w_up_gate, offs=offsets))
-    y_sorted = torch._grouped_mm(act, w_down, offs=offsets) * weights.flatten()[order, None].to(x.dtype)
-    return torch.zeros_like(x).index_add_(0, tokens, y_sorted)
-
-
-def moe_mlp_loop(x, w_up_gate, w_down, weights, experts):
+def moe_mlp_where_loop(x, w_up_gate, w_down, weights, experts):
     """The Hugging Face way: a Python loop over experts, torch.where to find each one's tokens."""
     y = torch.zeros_like(x)
     for e in range(w_up_gate.shape[0]):
@@ -104,38 +97,42 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shapes", default="release,small")
     parser.add_argument("--repeats", type=int, default=10)
-    parser.add_argument("--skip_loop", action="store_true", help="skip the slow per-expert loop")
+    parser.add_argument("--skip_loops", action="store_true", help="skip the two slow per-expert loops")
+    parser.add_argument("--json", default="", help="also write the results to this file")
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     name = torch.cuda.get_device_name() if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
     print(f"device {name} | torch {torch.__version__} | {dtype}")
-    paths = {"dense (ceiling)": dense_chain, "torch._grouped_mm": moe_mlp_grouped_mm, "torch path": moe_mlp_torch}
+    paths = {"dense (ceiling)": dense_chain, "grouped_mm": moe_mlp_grouped}
     if device.type == "cuda":
-        paths = {"triton": moe_mlp_triton, **paths}
-    if not args.skip_loop:
-        paths["per-expert loop"] = moe_mlp_loop
+        paths["triton"] = moe_mlp_triton
+    if not args.skip_loops:
+        paths.update({"loop (reference)": moe_mlp_loop, "torch.where loop": moe_mlp_where_loop})
+    report = {"device": name, "torch": torch.__version__, "dtype": str(dtype), "shapes": {}}
     for shape_name in args.shapes.split(","):
         shape = SHAPES[shape_name]
         N, C, H, K = shape["tokens"], shape["d"], shape["hidden"], shape["top_k"]
         flops = 18 * N * K * C * H  # fwd + bwd of the two GEMMs (3 C H multiply-adds per routed token)
         print(f"\n{shape_name}: {shape}")
         inputs = problem(shape, device, dtype)
-        seconds = {}
-        for label, fn in paths.items():
-            if label == "torch._grouped_mm" and (not hasattr(torch, "_grouped_mm") or device.type != "cuda"):
-                continue  # bf16 CUDA kernel; the CPU fallback is no benchmark
-            seconds[label] = timed(fn, inputs, args.repeats if label != "per-expert loop" else 2, device)
-        base, ceiling = seconds.get("torch._grouped_mm"), seconds["dense (ceiling)"]
+        seconds = {label: timed(fn, inputs, args.repeats if "loop" not in label else 2, device)
+                   for label, fn in paths.items()}
+        base, ceiling = seconds["grouped_mm"], seconds["dense (ceiling)"]
         for label, s in seconds.items():
-            vs_grouped = f"{base / s:5.2f}x grouped_mm" if base else ""
             print(f"  {label:<18}{s * 1000:9.2f} ms {flops / s / 1e12:8.1f} TFLOP/s  {ceiling / s:6.1%} of dense  "
-                  f"{vs_grouped}")
-        kernel = seconds.get("triton", seconds["torch path"])
+                  f"{base / s:5.2f}x grouped_mm")
         layer_fn, layer_inputs = moe_layer(shape, device, dtype)
         layer_s = timed(layer_fn, layer_inputs, args.repeats, device)
-        print(f"  MoE layer (EMO router + experts): {layer_s * 1000:.2f} ms = {layer_s / kernel:.3f}x the bare "
-              f"expert computation")
+        print(f"  MoE layer (EMO router + experts, automatic kernel): {layer_s * 1000:.2f} ms = "
+              f"{layer_s / base:.3f}x the bare grouped_mm expert computation")
+        report["shapes"][shape_name] = {"shape": shape, "ms": {k: v * 1000 for k, v in seconds.items()},
+                                        "tflops": {k: flops / v / 1e12 for k, v in seconds.items()},
+                                        "speedup_vs_grouped_mm": {k: base / v for k, v in seconds.items()},
+                                        "moe_layer_ms": layer_s * 1000}
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=1)
 
 
 if __name__ == "__main__":

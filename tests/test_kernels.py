@@ -1,4 +1,5 @@
-"""Expert-computation tests: the pure-torch path against a dense reference, values and gradients.
+"""Expert-computation tests: the loop (reference) path against a dense computation, the grouped-GEMM and
+Triton paths against the loop, values and every gradient.
 
     python -m pytest tests/test_kernels.py -q
 """
@@ -6,8 +7,10 @@
 import pytest
 import torch
 import torch.nn.functional as F
+import triton
+import triton.language as tl
 
-from kernels import moe_mlp_torch, sort_by_expert
+from kernels import _tile_rows, moe_mlp_grouped, moe_mlp_loop, sort_by_expert
 
 
 def dense_reference(x, w_up_gate, w_down, weights, experts):
@@ -37,9 +40,43 @@ def problem(N, C, H, E, K, seed=0, skip_experts=()):
     (1, 8, 8, 4, 2, ()),  # a single token
     (64, 12, 20, 16, 4, tuple(range(8, 16))),  # half the experts empty
 ])
-def test_torch_path_equals_dense_reference(N, C, H, E, K, skip):
+def test_loop_path_equals_dense_reference(N, C, H, E, K, skip):
     inputs = problem(N, C, H, E, K, skip_experts=skip)
-    assert_same_values_and_gradients(moe_mlp_torch, dense_reference, inputs, skip, rtol=1e-5)
+    assert_same_values_and_gradients(moe_mlp_loop, dense_reference, inputs, skip, rtol=1e-5)
+
+
+GROUPED_CASES = [
+    # N, C, H, E, K, experts given no tokens, description
+    (37, 16, 24, 8, 3, (2, 5), "two experts without tokens"),
+    (1, 8, 8, 4, 2, (), "a single token"),
+    (70, 32, 16, 6, 1, (0, 1, 2, 3, 4), "all tokens to one expert"),
+    (80, 40, 24, 128, 8, (), "128 experts, top 8"),
+    (64, 12, 20, 16, 4, tuple(range(8, 16)), "half the experts empty"),
+]
+
+
+@pytest.mark.parametrize("N,C,H,E,K,skip,description", GROUPED_CASES, ids=[c[-1] for c in GROUPED_CASES])
+def test_grouped_mm_path_equals_loop_path(N, C, H, E, K, skip, description):
+    inputs = problem(N, C, H, E, K, seed=3, skip_experts=skip)
+    assert_same_values_and_gradients(moe_mlp_grouped, moe_mlp_loop, inputs, skip, rtol=1e-5)
+
+
+def test_grouped_mm_path_in_bfloat16_and_under_autocast():
+    x, w1, w2, weights, experts = problem(48, 16, 16, 8, 2, seed=4)
+    reference = moe_mlp_loop(x, w1, w2, weights, experts)
+    y = moe_mlp_grouped(x.detach().bfloat16(), w1.detach().bfloat16(), w2.detach().bfloat16(), weights, experts)
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(y.float(), reference, rtol=5e-2, atol=5e-2)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # float32 parameters, bfloat16 compute
+        y = moe_mlp_grouped(x, w1, w2, weights, experts)
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(y.float(), reference, rtol=5e-2, atol=5e-2)
+
+
+def test_grouped_mm_path_refuses_float64():
+    x, w1, w2, weights, experts = problem(8, 8, 8, 4, 2)
+    with pytest.raises(RuntimeError, match="NANOEMO_KERNEL=loop"):
+        moe_mlp_grouped(x.double(), w1.double(), w2.double(), weights, experts)
 
 
 def assert_same_values_and_gradients(fn, reference, inputs, empty_experts, rtol):
@@ -64,14 +101,14 @@ def test_sort_by_expert_groups_slots():
     assert tokens.tolist() == [0, 1, 1, 2, 0, 2]  # token order kept inside each group
 
 
-def test_torch_path_keeps_dtype():
+def test_loop_path_keeps_dtype():
     x, w1, w2, weights, experts = problem(10, 8, 8, 4, 2)
-    y = moe_mlp_torch(x.detach().bfloat16(), w1.detach().bfloat16(), w2.detach().bfloat16(), weights, experts)
+    y = moe_mlp_loop(x.detach().bfloat16(), w1.detach().bfloat16(), w2.detach().bfloat16(), weights, experts)
     assert y.dtype == torch.bfloat16
     torch.testing.assert_close(y.float(), dense_reference(x, w1, w2, weights, experts), rtol=5e-2, atol=5e-2)
 
 
-# The Triton path against the torch path. On CPU the kernels run in Triton's interpreter (tests/conftest.py).
+# The Triton path against the loop path. On CPU the kernels run in Triton's interpreter (tests/conftest.py).
 TRITON_CASES = [
     # N, C, H, E, K, experts given no tokens, description
     (37, 48, 40, 8, 3, (2, 5), "odd sizes, two experts without tokens"),
@@ -83,10 +120,10 @@ TRITON_CASES = [
 
 
 @pytest.mark.parametrize("N,C,H,E,K,skip,description", TRITON_CASES, ids=[c[-1] for c in TRITON_CASES])
-def test_triton_path_equals_torch_path(N, C, H, E, K, skip, description):
+def test_triton_path_equals_loop_path(N, C, H, E, K, skip, description):
     from kernels import moe_mlp_triton
     inputs = problem(N, C, H, E, K, seed=1, skip_experts=skip)
-    assert_same_values_and_gradients(moe_mlp_triton, moe_mlp_torch, inputs, skip, rtol=1e-4)
+    assert_same_values_and_gradients(moe_mlp_triton, moe_mlp_loop, inputs, skip, rtol=1e-4)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="Triton's interpreter (triton 3.6) computes tl.dot of "
@@ -97,48 +134,64 @@ def test_triton_path_in_bfloat16():
     bf16 = [t.detach().bfloat16() for t in (x, w1, w2)]
     y = moe_mlp_triton(*bf16, weights.detach(), experts)
     assert y.dtype == torch.bfloat16
-    torch.testing.assert_close(y.float(), moe_mlp_torch(x, w1, w2, weights, experts), rtol=3e-2, atol=3e-2)
+    torch.testing.assert_close(y.float(), moe_mlp_loop(x, w1, w2, weights, experts), rtol=3e-2, atol=3e-2)
 
 
-def test_model_trains_the_same_with_either_path(monkeypatch):
-    """A whole forward and backward of a small EMO model: Triton path == torch path."""
+def test_model_trains_the_same_with_every_path(monkeypatch):
+    """A whole forward and backward of a small EMO model: grouped_mm and Triton paths == loop path."""
     from model import EMO, ModelConfig
     torch.manual_seed(0)
     model = EMO(ModelConfig(vocab_size=64, eos_id=0, seq_len=16, n_layer=2, n_head=2, d_model=32, n_experts=8,
                             top_k=3, expert_hidden=32, router="std"))
     idx = torch.randint(0, 64, (2, 16))
     results = {}
-    for path in ("torch", "triton"):
+    for path in ("loop", "grouped_mm", "triton"):
         monkeypatch.setenv("NANOEMO_KERNEL", path)
         model.zero_grad()
         _, loss, _ = model(idx, idx)
         loss.backward()
         results[path] = (loss.item(), [p.grad.clone() for p in model.parameters()])
-    assert results["triton"][0] == pytest.approx(results["torch"][0], rel=1e-6)
-    for g_triton, g_torch in zip(results["triton"][1], results["torch"][1]):
-        torch.testing.assert_close(g_triton, g_torch, rtol=1e-4, atol=1e-6)
+    for path in ("grouped_mm", "triton"):
+        assert results[path][0] == pytest.approx(results["loop"][0], rel=1e-6)
+        for g, g_loop in zip(results[path][1], results["loop"][1]):
+            torch.testing.assert_close(g, g_loop, rtol=1e-4, atol=1e-6)
 
 
-def test_tile_plan_covers_every_row_once():
-    from kernels import tile_plan
+@triton.jit
+def which_rows(counts_ptr, group_end_ptr, out_ptr, E, BLOCK_M: tl.constexpr, E_POW2: tl.constexpr):
+    """Write the rows (or -1) and the expert that _tile_rows gives each program."""
+    expert, rows, row_mask, real = _tile_rows(counts_ptr, group_end_ptr, E, BLOCK_M, E_POW2)
+    tile = tl.program_id(0)
+    tl.store(out_ptr + tile * BLOCK_M + tl.arange(0, BLOCK_M), tl.where(row_mask & real, rows, -1))
+    tl.store(out_ptr + 1000 + tile, expert)
+
+
+def test_row_tiles_cover_every_row_once():
+    """Each program of the Triton kernels finds its own expert and rows from the per-expert counts."""
     counts = torch.tensor([5, 0, 17, 1, 0, 8])
-    tile_expert, tile_start, group_start, group_end = tile_plan(counts, int(counts.sum()), block_m=4)
-    covered = []
-    for e, s in zip(tile_expert.tolist(), tile_start.tolist()):
-        if e < len(counts):
-            covered += [r for r in range(s, s + 4) if r < group_end[e]]
-            assert group_start[e] <= s < group_end[e]
-        else:
-            assert s == 0 and group_end[e] == 0  # spare tiles do nothing
-    assert covered == list(range(int(counts.sum())))
+    group_end = counts.cumsum(0)
+    n_tiles = 31 // 4 + 6  # the grid's upper bound
+    out = torch.full((1000 + n_tiles,), -7, dtype=torch.int64)
+    which_rows[(n_tiles,)](counts, group_end, out, 6, BLOCK_M=4, E_POW2=8)
+    rows = out[:n_tiles * 4].view(n_tiles, 4)
+    covered = rows[rows >= 0].tolist()
+    assert covered == list(range(31))  # every row once, in order
+    experts = out[1000:].tolist()
+    for tile_rows, e in zip(rows.tolist(), experts):
+        inside = [r for r in tile_rows if r >= 0]
+        if inside:  # a tile's rows all belong to its expert
+            assert all(group_end[e] - counts[e] <= r < group_end[e] for r in inside)
+    assert experts[-1] >= 6  # spare tiles past the last expert do nothing
 
 
 def test_kernel_choice(monkeypatch):
     from kernels import kernel_choice
-    assert kernel_choice(torch.device("cpu"))[0] == "torch"
-    assert kernel_choice(torch.device("cuda"))[0] == "triton"
-    monkeypatch.setenv("NANOEMO_KERNEL", "torch")
-    assert kernel_choice(torch.device("cuda")) == ("torch", "forced by NANOEMO_KERNEL")
+    monkeypatch.delenv("NANOEMO_KERNEL", raising=False)
+    assert kernel_choice(torch.device("cpu"))[0] == "grouped_mm"
+    assert kernel_choice(torch.device("cuda"), torch.bfloat16)[0] == "grouped_mm"  # until a GPU measurement
+    assert kernel_choice(torch.device("cpu"), torch.float64)[0] == "loop"  # grouped_mm cannot run float64
+    monkeypatch.setenv("NANOEMO_KERNEL", "triton")
+    assert kernel_choice(torch.device("cuda")) == ("triton", "forced by NANOEMO_KERNEL")
     monkeypatch.setenv("NANOEMO_KERNEL", "fast")
     with pytest.raises(ValueError, match="NANOEMO_KERNEL"):
         kernel_choice(torch.device("cpu"))
