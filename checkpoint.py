@@ -1,21 +1,26 @@
 """
 Checkpoints of nanoEMO: one torch file holding everything needed to rebuild a model, and for a training
-run to continue exactly where it stopped.
+run to continue exactly where it stopped; and loading a model from any checkpoint, ours or the release's.
 
-    {"model_config": {...}, "model": state_dict, "step": int, ...}   # train.py adds optimizer, RNG, data
-                                                                      # position; prune.py adds "pruning"
+    {"model_config": {...}, "model": state_dict, "step": int, "tokenizer": {...}, ...}
+        # train.py adds optimizer, RNG, data position; prune.py adds "pruning"
 Written atomically: to a temporary file in the same directory, flushed to disk, then renamed over the old
 one, so a write killed half-way leaves the previous checkpoint intact.
 
     save_checkpoint("out/emo_tiny/ckpt.pt", payload)
     model, ckpt = load_model("out/emo_tiny")          # run directory, file, or Hugging Face folder / hub id
+    python checkpoint.py --ckpt out/emo_tiny --hf_out out/emo_tiny_hf      # export in the release's format
 """
 
+import argparse
 import dataclasses
 import os
+import pickle
 
 import torch
 
+from errors import UserError, run_command
+from hf import DTYPES, export_hf, load_hf
 from model import EMO, ModelConfig
 
 CHECKPOINT_NAME = "ckpt.pt"
@@ -45,15 +50,19 @@ def checkpoint_path(path):
     """A checkpoint file, or the ckpt.pt inside a run directory."""
     file = os.path.join(path, CHECKPOINT_NAME) if os.path.isdir(path) else path
     if not os.path.exists(file):
-        raise FileNotFoundError(f"checkpoint not found: {file}")
+        raise UserError(f"checkpoint not found: {file}")
     return file
 
 
 def load_checkpoint(path, map_location="cpu"):
     file = checkpoint_path(path)
-    ckpt = torch.load(file, map_location=map_location, weights_only=False, mmap=True)
+    try:
+        ckpt = torch.load(file, map_location=map_location, weights_only=False, mmap=True)
+    except (RuntimeError, pickle.UnpicklingError, EOFError, ValueError) as error:  # what torch raises for them
+        raise UserError(f"{file} is truncated or not a torch checkpoint: torch could not read it "
+                        f"({str(error).splitlines()[0][:120]})") from None
     if not isinstance(ckpt, dict) or "model_config" not in ckpt or "model" not in ckpt:
-        raise ValueError(f"{file} is not a nanoEMO checkpoint (no model_config / model)")
+        raise UserError(f"{file} is not a nanoEMO checkpoint (no model_config / model)")
     return ckpt
 
 
@@ -64,7 +73,7 @@ def check_shapes(model, state_dict, source):
              for k, v in state_dict.items() if k in own and v.shape != own[k].shape]
     missing, unexpected = own.keys() - state_dict.keys(), state_dict.keys() - own.keys()
     if wrong or missing or unexpected:
-        raise ValueError(f"checkpoint of another shape: {'; '.join(wrong[:4])}"
+        raise UserError(f"checkpoint of another shape: {'; '.join(wrong[:4])}"
                          f"{' missing ' + ', '.join(sorted(missing)[:4]) if missing else ''}"
                          f"{' unexpected ' + ', '.join(sorted(unexpected)[:4]) if unexpected else ''}")
 
@@ -86,7 +95,6 @@ def load_model(path, device="cpu"):
     """The model of a checkpoint (nanoEMO file or run directory, or Hugging Face folder or hub id), in eval
     mode, with the checkpoint dict ({"model_config", "step", "pruning"?} for a Hugging Face one)."""
     if is_hf_checkpoint(path):
-        from hf import load_hf  # hf.py imports this file for its command line
         model = load_hf(path, device)
         return model, {"model_config": dataclasses.asdict(model.cfg), "step": None}
     ckpt = load_checkpoint(path)
@@ -97,3 +105,18 @@ def load_model(path, device="cpu"):
     check_shapes(model, ckpt["model"], checkpoint_path(path))
     model.load_state_dict(ckpt["model"])
     return model.eval(), ckpt
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="Export a nanoEMO checkpoint in the release's Hugging Face format")
+    parser.add_argument("--ckpt", required=True, help="nanoEMO checkpoint (file or run directory)")
+    parser.add_argument("--hf_out", required=True, help="folder to write config.json and safetensors into")
+    parser.add_argument("--dtype", default="bfloat16", choices=list(DTYPES))
+    args = parser.parse_args(argv)
+    model, _ = load_model(args.ckpt)
+    export_hf(model, args.hf_out, DTYPES[args.dtype])
+    print(f"wrote {args.hf_out}: {model.cfg.n_experts} experts x {model.cfg.n_layer} layers, {args.dtype}")
+
+
+if __name__ == "__main__":
+    run_command(main)

@@ -14,9 +14,11 @@ import dataclasses
 import difflib
 import os
 
+from errors import UserError
 
-class ConfigError(ValueError):
-    pass
+
+class ConfigError(UserError):
+    """A config file or --key=value that does not fit the config dataclasses."""
 
 
 def read_config_file(path):
@@ -39,9 +41,11 @@ def parse_value(text):
 
 
 def check_type(key, value, field_type, source):
-    expected = {"int": int, "float": float, "bool": bool, "str": str}[field_type]
+    expected = {"int": int, "float": float, "bool": bool, "str": str, "tuple": tuple}[field_type]
     if expected is float and type(value) is int:
         return float(value)
+    if expected is tuple and type(value) is list:
+        return tuple(value)
     if type(value) is not expected:
         raise ConfigError(f"{key} must be {field_type}, got {value!r} ({type(value).__name__}) from {source}")
     return value

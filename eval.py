@@ -29,6 +29,7 @@ from tqdm import tqdm
 
 from checkpoint import checkpoint_path, is_hf_checkpoint, load_model, model_name
 from data.corpus import Corpus
+from errors import UserError, run_command
 from prune import METHODS, calibration_batches, expert_scores, parse_keep, prune
 
 
@@ -97,8 +98,9 @@ def expert_usage(model, corpus, max_tokens):
     routing): (n_domains, n_layer, Er). Domain-specific rows are EMO's semantic specialisation."""
     usage = []
     for domain in corpus.domains:
-        x, _ = domain_windows(corpus.domain_tokens("val", domain), model.cfg.seq_len, max_tokens)
-        usage.append(torch.stack(expert_scores(model, [row[None] for row in x], "global")))
+        tokens = torch.from_numpy(corpus.domain_tokens("val", domain)[:max_tokens].astype("int64"))
+        windows = [w[None] for w in tokens.split(model.cfg.seq_len)]  # the last one shorter: no padding counted
+        usage.append(torch.stack(expert_scores(model, windows, "global")))
     return torch.stack(usage)
 
 
@@ -298,7 +300,7 @@ def main(argv=None):
         return
     fractions = [float(f) for f in args.keep.split(",")]
     if 1.0 not in fractions:
-        raise ValueError("--keep must include 1.0: the changes are relative to the full model")
+        raise UserError("--keep must include 1.0: the changes are relative to the full model")
     rows, usage = sweep(paths, corpus, fractions, args.method, args.calib_docs, args.max_tokens, args.batch_size,
                         device)
     print(write_sweep(rows, usage, corpus.domains, args.out))
@@ -307,4 +309,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_command(main)

@@ -2,7 +2,7 @@
 Hugging Face interop: load the released EMO checkpoints (allenai/Emo_1b14b_1T, allenai/StdMoE_1b14b_1T)
 into nanoEMO, and export any nanoEMO model, pruned ones included, in the same format.
 
-The format (../shared/docs/emo.md, "Inference and the released checkpoints"): config.json and safetensors
+The format (docs/method.md, "Inference and the checkpoint format"): config.json and safetensors
 (one file, or shards listed by model.safetensors.index.json) with, for layer i and expert j,
     model.embed_tokens.weight (V, C)            lm_head.weight (V, C)            model.norm.weight (C)
     model.layers.i.pre_attention_layernorm.weight (C)      model.layers.i.pre_feedforward_layernorm.weight (C)
@@ -13,11 +13,9 @@ Inference routing is the release's: softmax over the routed experts, top (k - n_
 shared expert with weight 1 (the model's token routing).
 
     model = load_hf("path/to/Emo_1b14b_1T")            # or a hub id, with huggingface_hub and a network
-    export_hf(model, "out/emo_tiny_hf")
-    python hf.py --ckpt out/emo_tiny/pruned/python-keep2-greedy.pt --out out/python_hf    # export
+    export_hf(model, "out/emo_tiny_hf")                 # the command line: python checkpoint.py --hf_out
 """
 
-import argparse
 import json
 import os
 
@@ -25,6 +23,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from errors import UserError
 from model import EMO, ModelConfig
 
 MODEL_TYPE = "emo"
@@ -49,51 +48,66 @@ def expert_names(i, j):
     return prefix + "gate_proj.weight", prefix + "up_proj.weight", prefix + "down_proj.weight"
 
 
-def config_from_hf(hf):
-    """ModelConfig from a release config.json dict; an error names any key this model cannot honour."""
+TRAINING_KEYS = ("router", "pool_min", "pool_max", "pool_eval", "doc_attention", "lb_weight", "z_weight",
+                 "lm_z_weight", "init_std")  # ModelConfig fields config.json has no key for
+
+
+def release_training_settings(folder_name, n_experts, top_k):
+    """The release's training settings (docs/method.md), which its config.json does not hold: EMO draws pools
+    from [top_k, n_experts] (the release's [8, 128]), masks attention within documents and uses an LM-head
+    z-loss of 1e-5; its baseline (StdMoE in the name) routes every token on its own and does not mask."""
+    standard = "stdmoe" in folder_name.lower()
+    return {"router": "std" if standard else "emo", "pool_min": min(top_k, n_experts), "pool_max": n_experts,
+            "doc_attention": not standard, "lm_z_weight": 1e-5}
+
+
+def config_from_hf(hf, folder_name=""):
+    """ModelConfig from a release config.json dict; an error names any key this model cannot honour.
+    Training settings come from the `nanoemo` key of our exports, else the release's own."""
     if hf.get("model_type") != MODEL_TYPE:
-        raise ValueError(f"config.json: model_type {hf.get('model_type')!r} is not {MODEL_TYPE!r}")
+        raise UserError(f"config.json: model_type {hf.get('model_type')!r} is not {MODEL_TYPE!r}")
     for key in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_experts",
                 "num_experts_per_tok", "vocab_size", "eos_token_id"):
         if key not in hf:
-            raise ValueError(f"config.json: missing key {key!r}")
-    heads = hf["num_attention_heads"]
+            raise UserError(f"config.json: missing key {key!r}")
+    heads, n_layer = hf["num_attention_heads"], hf["num_hidden_layers"]
+    n_shared = hf.get("num_shared_experts", 1)
+    per_layer = hf.get("num_experts_per_layer") or [hf["num_experts"]] * n_layer
+    shared_per_layer = hf.get("num_shared_experts_per_layer") or [n_shared] * n_layer
     problems = [text for bad, text in (
         (hf.get("norm_topk_prob"), "norm_topk_prob=true (the release does not renormalise)"),
         (hf.get("tie_word_embeddings"), "tie_word_embeddings=true (embedding and LM head are untied)"),
-        (hf.get("num_key_value_heads", heads) != heads, "num_key_value_heads != num_attention_heads (no GQA)"))
+        (hf.get("num_key_value_heads", heads) != heads, "num_key_value_heads != num_attention_heads (no GQA)"),
+        (len(per_layer) != n_layer, f"num_experts_per_layer has {len(per_layer)} entries for {n_layer} layers"),
+        (set(shared_per_layer) != {n_shared}, f"num_shared_experts_per_layer {shared_per_layer} differ from "
+                                              f"num_shared_experts {n_shared}"))
         if bad]
     if problems:
-        raise ValueError(f"config.json: unsupported {'; '.join(problems)}")
-    n_experts, n_shared = hf["num_experts"], hf.get("num_shared_experts", 1)
-    for key, default in (("num_experts_per_layer", n_experts), ("num_shared_experts_per_layer", n_shared)):
-        per_layer = hf.get(key) or [default] * hf["num_hidden_layers"]
-        if len(set(per_layer)) != 1:
-            raise ValueError(f"config.json: {key} {per_layer} differ between layers; nanoEMO keeps the same "
-                             "number in every layer")
-        if key == "num_experts_per_layer":
-            n_experts = per_layer[0]
-        else:
-            n_shared = per_layer[0]
+        raise UserError(f"config.json: unsupported {'; '.join(problems)}")
+    n_experts = max(per_layer)
+    top_k = min(hf["num_experts_per_tok"], n_experts)
+    settings = hf.get("nanoemo") or release_training_settings(folder_name, n_experts, top_k)
     return ModelConfig(vocab_size=hf["vocab_size"], eos_id=hf["eos_token_id"],
-                       seq_len=hf.get("max_position_embeddings", 4096), n_layer=hf["num_hidden_layers"],
-                       n_head=hf["num_attention_heads"], d_model=hf["hidden_size"], n_experts=n_experts,
-                       n_shared=n_shared, top_k=min(hf["num_experts_per_tok"], n_experts),
+                       seq_len=hf.get("max_position_embeddings", 4096), n_layer=n_layer, n_head=heads,
+                       d_model=hf["hidden_size"], n_experts=n_experts, n_shared=n_shared, top_k=top_k,
+                       experts_per_layer=() if len(set(per_layer)) == 1 else tuple(per_layer),
                        expert_hidden=hf["intermediate_size"], rope_theta=float(hf.get("rope_theta", 10000.0)),
-                       norm_eps=hf.get("rms_norm_eps", 1e-6))
+                       norm_eps=hf.get("rms_norm_eps", 1e-6), **settings)
 
 
 def hf_config(cfg, dtype):
-    """A release-style config.json dict for a nanoEMO model (per-layer counts written for pruned ones too)."""
+    """A release-style config.json dict for a nanoEMO model: per-layer counts (pruned models may keep
+    different ones), and under `nanoemo` the training settings config.json has no key for."""
     return {"model_type": MODEL_TYPE, "architectures": ["EmoForCausalLM"], "hidden_size": cfg.d_model,
             "intermediate_size": cfg.expert_hidden, "num_hidden_layers": cfg.n_layer,
             "num_attention_heads": cfg.n_head, "num_key_value_heads": cfg.n_head, "num_experts": cfg.n_experts,
             "num_experts_per_tok": cfg.top_k, "num_shared_experts": cfg.n_shared, "norm_topk_prob": False,
-            "num_experts_per_layer": [cfg.n_experts] * cfg.n_layer,
+            "num_experts_per_layer": cfg.layer_experts(),
             "num_shared_experts_per_layer": [cfg.n_shared] * cfg.n_layer, "rope_theta": cfg.rope_theta,
             "rms_norm_eps": cfg.norm_eps, "vocab_size": cfg.vocab_size, "eos_token_id": cfg.eos_id,
             "pad_token_id": None, "max_position_embeddings": cfg.seq_len, "tie_word_embeddings": False,
-            "attention_bias": False, "hidden_act": "silu", "torch_dtype": str(dtype).removeprefix("torch.")}
+            "attention_bias": False, "hidden_act": "silu", "torch_dtype": str(dtype).removeprefix("torch."),
+            "nanoemo": {key: getattr(cfg, key) for key in TRAINING_KEYS}}
 
 
 def resolve_folder(path):
@@ -103,7 +117,7 @@ def resolve_folder(path):
     try:
         from huggingface_hub import snapshot_download  # optional: only for hub ids
     except ImportError:
-        raise FileNotFoundError(f"no checkpoint at {path!r}: no such file or folder here, and downloading it as a "
+        raise UserError(f"no checkpoint at {path!r}: no such file or folder here, and downloading it as a "
                                 "hub id needs huggingface_hub (pip install huggingface_hub) and a network") from None
     return snapshot_download(path, allow_patterns=["*.json", "*.safetensors"])
 
@@ -119,7 +133,7 @@ class TensorFiles:
         elif os.path.exists(os.path.join(folder, "model.safetensors")):
             weight_map = None
         else:
-            raise FileNotFoundError(f"{folder}: neither model.safetensors nor model.safetensors.index.json")
+            raise UserError(f"{folder}: neither model.safetensors nor model.safetensors.index.json")
         files = sorted(set(weight_map.values())) if weight_map else ["model.safetensors"]
         self.handles = {f: safe_open(os.path.join(folder, f), framework="pt") for f in files}
         self.where = weight_map or {k: "model.safetensors" for k in self.handles["model.safetensors"].keys()}
@@ -127,10 +141,10 @@ class TensorFiles:
     def get(self, name, shape):
         """The tensor called name, checked against the expected shape."""
         if name not in self.where:
-            raise KeyError(f"checkpoint has no tensor {name!r}")
+            raise UserError(f"checkpoint has no tensor {name!r}")
         tensor = self.handles[self.where[name]].get_tensor(name)
         if tuple(tensor.shape) != tuple(shape):
-            raise ValueError(f"tensor {name!r} has shape {tuple(tensor.shape)}, expected {tuple(shape)}")
+            raise UserError(f"tensor {name!r} has shape {tuple(tensor.shape)}, expected {tuple(shape)}")
         return tensor
 
 
@@ -142,7 +156,7 @@ def load_hf(path, device="cpu", dtype=None):
     folder = resolve_folder(path)
     with open(os.path.join(folder, "config.json")) as f:
         hf = json.load(f)
-    cfg = config_from_hf(hf)
+    cfg = config_from_hf(hf, os.path.basename(os.path.normpath(path)))
     dtype = dtype or DTYPES.get(hf.get("torch_dtype"), torch.float32)
     with torch.device("meta"):
         model = EMO(cfg)
@@ -153,7 +167,7 @@ def load_hf(path, device="cpu", dtype=None):
         params[name].copy_(tensors.get(hf_name, params[name].shape))
     H, C = cfg.expert_hidden, cfg.d_model
     for i, block in enumerate(model.layers):
-        for j in range(cfg.n_experts):
+        for j in range(block.moe.w_up_gate.shape[0]):
             gate, up, down = expert_names(i, j)
             block.moe.w_up_gate[j, :, :H].copy_(tensors.get(gate, (H, C)).T)
             block.moe.w_up_gate[j, :, H:].copy_(tensors.get(up, (H, C)).T)
@@ -170,7 +184,7 @@ def hf_tensors(model, dtype, layers):
            or (0 in layers and not hf_name.startswith("model.layers."))}
     for i in layers:
         moe = model.layers[i].moe
-        for j in range(cfg.n_experts):
+        for j in range(moe.w_up_gate.shape[0]):
             gate, up, down = expert_names(i, j)
             out[gate], out[up], out[down] = moe.w_up_gate[j, :, :H].T, moe.w_up_gate[j, :, H:].T, moe.w_down[j].T
     return {k: v.detach().to(dtype).contiguous() for k, v in out.items()}
@@ -195,19 +209,3 @@ def export_hf(model, folder, dtype=None, layers_per_shard=4):
             json.dump({"metadata": {}, "weight_map": weight_map}, f, indent=1)
     with open(os.path.join(folder, "config.json"), "w") as f:
         json.dump(hf_config(model.cfg, dtype), f, indent=1)
-
-
-def main(argv=None):
-    from checkpoint import load_model
-    parser = argparse.ArgumentParser(description="Export a nanoEMO checkpoint in the release's Hugging Face format")
-    parser.add_argument("--ckpt", required=True, help="nanoEMO checkpoint (file or run directory)")
-    parser.add_argument("--out", required=True, help="folder to write config.json and safetensors into")
-    parser.add_argument("--dtype", default="bfloat16", choices=list(DTYPES))
-    args = parser.parse_args(argv)
-    model, _ = load_model(args.ckpt)
-    export_hf(model, args.out, DTYPES[args.dtype])
-    print(f"wrote {args.out}: {model.cfg.n_experts} experts x {model.cfg.n_layer} layers, {args.dtype}")
-
-
-if __name__ == "__main__":
-    main()

@@ -15,10 +15,12 @@ Three paths, equal up to float rounding (tests/test_kernels.py):
 - 'loop' (moe_mlp_loop): one matmul per expert on its group, in a Python loop. The readable reference;
   it needs the group sizes on the host (a sync) and launches 2E matmuls.
 - 'grouped_mm' (moe_mlp_grouped): the same computation as two grouped GEMMs, torch._grouped_mm with
-  group offsets from a cumsum: no host sync, no loop over experts, forward and backward by torch, and
-  torch.compile traces it whole. Runs on the CPU and on CUDA (bf16 on sm90+ has a CUTLASS kernel; other
-  CUDA dtypes/archs use torch's own fallback). It cannot run in float64 or before torch 2.8: there the
-  automatic choice is the loop, which computes the same thing.
+  group offsets from a cumsum: no host sync, no loop over experts. Runs on the CPU and on CUDA (bf16 on
+  sm90+ has a CUTLASS kernel; other CUDA dtypes/archs use torch's own fallback). It is wrapped in a custom
+  op with its backward written out (three more grouped GEMMs), because torch.compile's shape inference
+  for torch._grouped_mm accepts bfloat16 only: so wrapped, the layer compiles whole in float32 too.
+  It cannot run in float64, before torch 2.8, or with rows whose size in bytes is not a multiple of 16:
+  there the automatic choice is the loop, which computes the same thing.
 - 'triton' (moe_mlp_triton): four Triton kernels (forward and backward through an autograd Function) that
     * gather each expert's tokens inside the GEMM from the sorted index (no copy of the routed tokens),
     * fuse the SwiGLU activation into the first GEMM and the routing weight into the second,
@@ -38,6 +40,9 @@ import os
 import torch
 import torch.nn.functional as F
 import triton
+from torch import Tensor
+
+from errors import UserError
 import triton.language as tl
 
 KERNELS = ("loop", "grouped_mm", "triton")
@@ -77,11 +82,47 @@ def experts_by_loop(x_sorted, counts, w_up_gate, w_down):
     return torch.cat([swiglu(x_e @ w1) @ w2 for x_e, w1, w2 in zip(groups, w_up_gate.unbind(0), w_down.unbind(0))])
 
 
+@torch.library.custom_op("nanoemo::grouped_mm", mutates_args=())
+def grouped_mm(rows: Tensor, weights: Tensor, group_ends: Tensor) -> Tensor:
+    """rows (M, K) grouped by expert, weights (E, K, N), group_ends (E,) int32 -> (M, N): each group of rows
+    times its expert's weight."""
+    return torch._grouped_mm(rows, weights, offs=group_ends)
+
+
+@torch.library.custom_op("nanoemo::grouped_mm_weight_grad", mutates_args=())
+def grouped_mm_weight_grad(rows: Tensor, grad: Tensor, group_ends: Tensor) -> Tensor:
+    """The weight gradient of grouped_mm: rows (M, K), grad (M, N) -> (E, K, N), each expert's rows^T @ grad
+    (zeros for an expert without rows)."""
+    return torch._grouped_mm(rows.t(), grad, offs=group_ends)
+
+
+@grouped_mm.register_fake
+def _grouped_mm_shape(rows, weights, group_ends):
+    return rows.new_empty(rows.shape[0], weights.shape[2])
+
+
+@grouped_mm_weight_grad.register_fake
+def _grouped_mm_weight_grad_shape(rows, grad, group_ends):
+    return rows.new_empty(group_ends.shape[0], rows.shape[1], grad.shape[1])
+
+
+def _grouped_mm_save(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _grouped_mm_backward(ctx, grad):
+    rows, weights, group_ends = ctx.saved_tensors
+    return grouped_mm(grad, weights.transpose(1, 2), group_ends), grouped_mm_weight_grad(rows, grad, group_ends), None
+
+
+grouped_mm.register_autograd(_grouped_mm_backward, setup_context=_grouped_mm_save)
+
+
 def experts_by_grouped_mm(x_sorted, counts, w_up_gate, w_down):
     """Expert outputs of the sorted slots as two grouped GEMMs: (NK, C) -> (NK, C), no host sync."""
     group_ends = counts.cumsum(0).to(torch.int32)  # (E,) where each expert's rows end
-    act = swiglu(torch._grouped_mm(x_sorted, w_up_gate, offs=group_ends))  # (NK, H)
-    return torch._grouped_mm(act, w_down, offs=group_ends)  # (NK, C)
+    act = swiglu(grouped_mm(x_sorted, w_up_gate, group_ends))  # (NK, H)
+    return grouped_mm(act, w_down, group_ends)  # (NK, C)
 
 
 def moe_mlp_sorted(x, w_up_gate, w_down, weights, experts, expert_outputs):
@@ -101,16 +142,18 @@ def moe_mlp_loop(x, w_up_gate, w_down, weights, experts):
 
 def moe_mlp_grouped(x, w_up_gate, w_down, weights, experts):
     """The grouped-GEMM path (see the file docstring); the same interface and results as moe_mlp_loop."""
-    if not grouped_mm_can_run(x.dtype):
-        raise RuntimeError(f"torch._grouped_mm cannot run here (torch {torch.__version__}, {x.dtype}): "
-                           "use NANOEMO_KERNEL=loop")
     x, w_up_gate, w_down = autocast_inputs(x, w_up_gate, w_down)
+    if not grouped_mm_can_run(x.dtype, w_down.shape[1:]):
+        raise UserError(f"torch._grouped_mm cannot run here (torch {torch.__version__}, {x.dtype}, expert "
+                           f"hidden x width {tuple(w_down.shape[1:])}): use NANOEMO_KERNEL=loop")
     return moe_mlp_sorted(x, w_up_gate, w_down, weights, experts, experts_by_grouped_mm)
 
 
-def grouped_mm_can_run(dtype):
-    """torch._grouped_mm exists from torch 2.8 and takes float32, bfloat16 and float16 (not float64)."""
-    return hasattr(torch, "_grouped_mm") and dtype in GROUPED_MM_DTYPES
+def grouped_mm_can_run(dtype, widths):
+    """torch._grouped_mm exists from torch 2.8, takes float32, bfloat16 and float16 (not float64), and
+    needs rows of a multiple of 16 bytes: widths are the expert hidden size H and the model width C."""
+    return (hasattr(torch, "_grouped_mm") and dtype in GROUPED_MM_DTYPES
+            and all(w * dtype.itemsize % 16 == 0 for w in widths))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -353,16 +396,17 @@ def moe_mlp_triton(x, w_up_gate, w_down, weights, experts):
     return TritonMoE.apply(*autocast_inputs(x, w_up_gate, w_down), weights, experts)
 
 
-def kernel_choice(device, dtype=torch.float32):
-    """Which path runs the experts for tensors of this device and dtype, and why."""
+def kernel_choice(device, dtype=torch.float32, widths=(64, 64)):
+    """Which path runs the experts for tensors of this device, dtype and widths (H, C), and why."""
     forced = os.environ.get("NANOEMO_KERNEL", "auto")
     if forced not in ("auto", *KERNELS):
-        raise ValueError(f"NANOEMO_KERNEL must be auto, {', '.join(KERNELS)}; got {forced!r}")
+        raise UserError(f"NANOEMO_KERNEL must be auto, {', '.join(KERNELS)}; got {forced!r}")
     if forced != "auto":
         return forced, "forced by NANOEMO_KERNEL"
-    if grouped_mm_can_run(dtype):
+    if grouped_mm_can_run(dtype, widths):
         return "grouped_mm", f"torch._grouped_mm runs {dtype} on {device.type}"
-    return "loop", f"torch._grouped_mm cannot run {dtype} (torch {torch.__version__})"
+    return "loop", (f"torch._grouped_mm cannot run {dtype} with expert hidden x width {tuple(widths)} "
+                    f"(torch {torch.__version__})")
 
 
 PATHS = {"loop": moe_mlp_loop, "grouped_mm": moe_mlp_grouped, "triton": moe_mlp_triton}
@@ -371,4 +415,4 @@ PATHS = {"loop": moe_mlp_loop, "grouped_mm": moe_mlp_grouped, "triton": moe_mlp_
 def moe_mlp(x, w_up_gate, w_down, weights, experts):
     """The expert computation by the path kernel_choice() picks for x's device and compute dtype."""
     dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
-    return PATHS[kernel_choice(x.device, dtype)[0]](x, w_up_gate, w_down, weights, experts)
+    return PATHS[kernel_choice(x.device, dtype, w_down.shape[1:])[0]](x, w_up_gate, w_down, weights, experts)

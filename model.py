@@ -8,7 +8,7 @@ The EMO transformer: a decoder-only mixture-of-experts language model as release
 - MoE in every layer: n_experts SwiGLU experts. The last n_shared are always on with weight 1, the others
   are chosen per token by router.py (EMO's document-pool router or the standard top-k router) and run
   by kernels.py. Untied embedding and LM head, truncated-normal init.
-See ../shared/docs/emo.md for the method and the release's numbers.
+See docs/method.md for the method, the release's numbers and where nanoEMO differs.
 
 Shape letters used across the project:
     B batch, T sequence length, C model width (d_model), nh heads, hd head size (C // nh),
@@ -27,6 +27,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from errors import UserError
 from kernels import moe_mlp
 from router import Router, document_ids
 
@@ -42,6 +43,7 @@ class ModelConfig:
     n_experts: int = 16  # all experts of a layer, the shared ones included (last indices)
     n_shared: int = 1
     top_k: int = 4  # experts per token, the shared ones included
+    experts_per_layer: tuple = ()  # pruned models: experts of each layer (shared included); () = n_experts each
     expert_hidden: int = 128
     rope_theta: float = 10000.0
     norm_eps: float = 1e-6
@@ -66,10 +68,19 @@ class ModelConfig:
             (1 <= self.pool_min <= self.pool_max, f"need 1 <= pool_min <= pool_max, got {self.pool_min}, {self.pool_max}"),
             (self.pool_eval >= 0, f"pool_eval must be >= 0, got {self.pool_eval}"),
             (0 <= self.eos_id < self.vocab_size, f"eos_id {self.eos_id} outside the vocabulary {self.vocab_size}"),
+            (len(self.experts_per_layer) in (0, self.n_layer)
+             and all(self.n_shared < e <= self.n_experts for e in self.experts_per_layer),
+             f"experts_per_layer {self.experts_per_layer} must give each of the {self.n_layer} layers more than "
+             f"n_shared {self.n_shared} and at most n_experts {self.n_experts} experts"),
         ]
         for ok, message in checks:
             if not ok:
-                raise ValueError(message)
+                raise UserError(message)
+        self.experts_per_layer = tuple(self.experts_per_layer)  # a list when read back from JSON
+
+    def layer_experts(self):
+        """Experts of each layer, shared included: n_experts everywhere unless pruned per layer."""
+        return list(self.experts_per_layer) or [self.n_experts] * self.n_layer
 
 
 class RMSNorm(nn.Module):
@@ -125,12 +136,13 @@ class Attention(nn.Module):
 
 
 class MoE(nn.Module):
-    """n_experts SwiGLU experts and their router."""
+    """n_experts SwiGLU experts and their router; top_k is capped at the experts there are."""
 
-    def __init__(self, cfg):
+    def __init__(self, cfg, n_experts):
         super().__init__()
-        E, C, H = cfg.n_experts, cfg.d_model, cfg.expert_hidden
-        self.router = Router(C, E, cfg.n_shared, cfg.top_k, cfg.router, cfg.pool_min, cfg.pool_max, cfg.pool_eval)
+        E, C, H = n_experts, cfg.d_model, cfg.expert_hidden
+        self.router = Router(C, E, cfg.n_shared, min(cfg.top_k, E), cfg.router, cfg.pool_min, cfg.pool_max,
+                             cfg.pool_eval)
         self.w_up_gate = nn.Parameter(torch.empty(E, C, 2 * H))  # gate then up projection, input x output
         self.w_down = nn.Parameter(torch.empty(E, H, C))
 
@@ -142,12 +154,12 @@ class MoE(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, cfg):
+    def __init__(self, cfg, n_experts):
         super().__init__()
         self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.attn = Attention(cfg)
         self.moe_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.moe = MoE(cfg)
+        self.moe = MoE(cfg, n_experts)
 
     def forward(self, x, cos, sin, attn_mask, doc_ids, token_routing):
         x = x + self.attn(self.attn_norm(x), cos, sin, attn_mask)
@@ -160,7 +172,7 @@ class EMO(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
-        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.layers = nn.ModuleList(Block(cfg, n_experts) for n_experts in cfg.layer_experts())
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         if not any(p.is_meta for p in self.parameters()):
@@ -182,7 +194,7 @@ class EMO(nn.Module):
         cfg = self.cfg
         total = sum(p.numel() for p in self.parameters())
         per_expert = 3 * cfg.d_model * cfg.expert_hidden
-        unused = cfg.n_layer * ((cfg.n_experts - cfg.n_shared) - (cfg.top_k - cfg.n_shared)) * per_expert
+        unused = sum(E - min(cfg.top_k, E) for E in cfg.layer_experts()) * per_expert  # routed experts left idle
         return total, total - unused
 
     def flops_per_token(self, T):

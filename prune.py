@@ -1,5 +1,5 @@
 """
-Selective expert use (../shared/docs/emo.md, "Selective expert use"): run a model on a few calibration
+Selective expert use (docs/method.md, "Selective expert use"): run a model on a few calibration
 documents of one domain, score every routed expert of every layer, keep the best and slice the rest away,
 so that the model written is physically smaller. The shared expert is always kept and counts in --keep;
 top_k becomes min(top_k, kept).
@@ -32,6 +32,7 @@ import torch.nn.functional as F
 
 from checkpoint import load_model, model_name, save_checkpoint
 from data.corpus import Corpus
+from errors import UserError, run_command
 from hf import export_hf
 from kernels import swiglu
 
@@ -43,17 +44,17 @@ def parse_keep(text, n_original, n_shared):
     if "." in text:
         fraction = float(text)
         if not 0 < fraction <= 1:
-            raise ValueError(f"--keep {text}: a fraction must be in (0, 1]")
+            raise UserError(f"--keep {text}: a fraction must be in (0, 1]")
         keep = round(fraction * n_original)
     else:
         keep = int(text)
     if keep < 1:
-        raise ValueError(f"--keep {text} keeps {keep} experts: at least 1 is needed")
+        raise UserError(f"--keep {text} keeps {keep} experts: at least 1 is needed")
     if keep <= n_shared:
-        raise ValueError(f"--keep {text} keeps {keep} experts, no more than the {n_shared} shared: "
+        raise UserError(f"--keep {text} keeps {keep} experts, no more than the {n_shared} shared: "
                          "keep at least one routed expert")
     if keep > n_original:
-        raise ValueError(f"--keep {text}: the model has only {n_original} experts")
+        raise UserError(f"--keep {text}: the model has only {n_original} experts")
     return keep
 
 
@@ -61,20 +62,16 @@ def calibration_batches(corpus, domain, n_docs, seq_len):
     """The first n_docs calibration documents of a domain, each its own (1, T <= seq_len) batch."""
     docs = corpus.documents("calib", domain)
     if n_docs > len(docs):
-        raise ValueError(f"--calib_docs {n_docs}: the corpus has {len(docs)} calibration documents of {domain!r}")
+        raise UserError(f"--calib_docs {n_docs}: the corpus has {len(docs)} calibration documents of {domain!r}")
     return [torch.from_numpy(doc[:seq_len].astype("int64"))[None] for doc in docs[:n_docs]]
 
 
 @torch.no_grad()
 def expert_scores(model, batches, method):
     """Score every routed expert of every layer on the calibration batches: a list of (Er,) tensors."""
-    captured = {}  # per layer: the residual stream entering the MoE and the MoE's (input, output, routing)
-    hooks = []
-    for i, block in enumerate(model.layers):
-        hooks.append(block.moe_norm.register_forward_pre_hook(
-            lambda module, args, i=i: captured.__setitem__(("residual", i), args[0])))
-        hooks.append(block.moe.register_forward_hook(
-            lambda module, args, output, i=i: captured.__setitem__(("moe", i), (args[0], *output))))
+    captured = {}  # per layer: the MoE's (input, output, routing)
+    hooks = [block.moe.register_forward_hook(lambda module, args, out, i=i: captured.__setitem__(i, (args[0], *out)))
+             for i, block in enumerate(model.layers)]
     device = model.embed.weight.device
     totals = [torch.zeros(block.moe.router.n_routed, device=device) for block in model.layers]
     n_tokens = 0
@@ -83,16 +80,16 @@ def expert_scores(model, batches, method):
             model(idx.to(device), token_routing=True)
             n_tokens += idx.numel()
             for i, block in enumerate(model.layers):
-                moe_input, moe_output, routing = captured[("moe", i)]
-                totals[i] += layer_score(block.moe, captured[("residual", i)], moe_input, moe_output, routing, method)
+                totals[i] += layer_score(block.moe, *captured[i], method)
     finally:
         for hook in hooks:
             hook.remove()
     return [t.cpu() / n_tokens for t in totals]
 
 
-def layer_score(moe, residual, moe_input, moe_output, routing, method):
-    """Summed score over one batch's tokens for each routed expert of one layer: (Er,)."""
+def layer_score(moe, moe_input, moe_output, routing, method):
+    """Summed score over one batch's tokens for each routed expert of one layer: (Er,). moe_input is the MoE's
+    input (after its RMSNorm), moe_output what it adds to the residual stream."""
     router = moe.router
     h = moe_input.flatten(0, 1)  # (N, C)
     if method in ("greedy", "global"):
@@ -102,9 +99,11 @@ def layer_score(moe, residual, moe_input, moe_output, routing, method):
     if method == "frequency":
         return torch.zeros(router.n_routed, device=h.device).index_add_(0, chosen.flatten(),
                                                                          (weights > 0).flatten().float())
-    # EASY-EP: how much the MoE changes the token's direction, times each expert's weighted output norm
-    x = residual.flatten(0, 1)  # (N, C)
-    importance = 1 - F.cosine_similarity(x, x + moe_output.flatten(0, 1), dim=-1)  # (N,)
+    # EASY-EP: how much the MoE changes the token's direction (h: the MoE input after its norm, as in the
+    # release), times each expert's weighted output norm
+    # 1 - cos(a, b) as |a/|a| - b/|b||^2 / 2: the same value, but no cancellation when the MoE adds little
+    direction_change = F.normalize(h.float(), dim=-1) - F.normalize((h + moe_output.flatten(0, 1)).float(), dim=-1)
+    importance = direction_change.square().sum(-1) / 2  # (N,)
     scores = torch.zeros(router.n_routed, device=h.device)
     for e in range(router.n_routed):
         token, slot = (chosen == e).nonzero(as_tuple=True)
@@ -119,20 +118,38 @@ def prune_layer(moe, routed_ids):
     router = moe.router
     keep = torch.cat([routed_ids, torch.arange(router.n_routed, router.n_routed + router.n_shared)])
     keep = keep.to(router.gate.weight.device)
-    router.gate.weight = nn.Parameter(router.gate.weight.data[keep].clone())
+    gate = nn.Linear(router.gate.in_features, len(keep), bias=False, device="meta")
+    gate.weight = nn.Parameter(router.gate.weight.data[keep].clone())
+    router.gate = gate  # a new Linear: in_features/out_features describe the sliced weight
     moe.w_up_gate = nn.Parameter(moe.w_up_gate.data[keep].clone())
     moe.w_down = nn.Parameter(moe.w_down.data[keep].clone())
     router.n_routed = len(routed_ids)
     router.k_routed = min(router.k_routed, len(routed_ids))
 
 
+def routed_counts_across_layers(all_scores, n_routed_total):
+    """How many routed experts each layer keeps when the best n_routed_total of all layers' experts are
+    kept together (the global method): every layer keeps at least one, then the highest scores win."""
+    counts = [1] * len(all_scores)
+    rest = torch.cat([s.sort(descending=True).values[1:] for s in all_scores])  # each layer's best is taken
+    layer_of = torch.cat([torch.full((len(s) - 1,), i) for i, s in enumerate(all_scores)])
+    for i in layer_of[rest.argsort(descending=True, stable=True)[:n_routed_total - len(all_scores)]].tolist():
+        counts[i] += 1
+    return counts
+
+
 def prune(model, batches, keep, method, seed=0):
-    """Prune model in place to keep experts per layer (shared included). Returns, per layer, the kept
-    routed experts (layer-local ids before pruning) and every routed expert's score."""
-    n_routed = keep - model.cfg.n_shared
-    layers = []
+    """Prune model in place to keep experts per layer (shared included); 'global' keeps that many on
+    average, the layers sharing the budget by score (so counts may differ between layers, as the release's
+    global method). Returns, per layer, the kept routed experts (layer-local ids before pruning) and every
+    routed expert's score."""
+    n_shared, n_layer = model.cfg.n_shared, model.cfg.n_layer
+    routed_counts = [keep - n_shared] * n_layer
     if method in ("global", "frequency", "easy_ep"):
         all_scores = expert_scores(model, batches, method)
+        if method == "global":
+            routed_counts = routed_counts_across_layers(all_scores, n_layer * (keep - n_shared))
+    layers = []
     for i, block in enumerate(model.layers):
         if method == "random":
             scores = torch.rand(block.moe.router.n_routed, generator=torch.Generator().manual_seed(seed + i))
@@ -140,10 +157,13 @@ def prune(model, batches, keep, method, seed=0):
             scores = expert_scores(model, batches, method)[i]
         else:
             scores = all_scores[i]
-        kept = scores.topk(n_routed).indices.sort().values
+        kept = scores.topk(routed_counts[i]).indices.sort().values
         layers.append({"kept": kept.tolist(), "scores": [round(s, 6) for s in scores.tolist()]})
         prune_layer(block.moe, kept)  # before the next layer is scored (what makes greedy layer-wise)
-    model.cfg = dataclasses.replace(model.cfg, n_experts=keep, top_k=min(model.cfg.top_k, keep))
+    sizes = [n + n_shared for n in routed_counts]
+    uniform = len(set(sizes)) == 1
+    model.cfg = dataclasses.replace(model.cfg, n_experts=max(sizes), top_k=min(model.cfg.top_k, max(sizes)),
+                                    experts_per_layer=() if uniform else tuple(sizes))
     return layers
 
 
@@ -170,10 +190,10 @@ def main(argv=None):
     n_original = previous["original_n_experts"] if previous else model.cfg.n_experts
     keep = parse_keep(args.keep, n_original, model.cfg.n_shared)
     if previous and previous["domain"] != args.domain:
-        raise ValueError(f"{args.ckpt} is already pruned for {previous['domain']!r}: prune the original model "
+        raise UserError(f"{args.ckpt} is already pruned for {previous['domain']!r}: prune the original model "
                          f"({previous['source']}) for {args.domain!r} instead")
     if keep > model.cfg.n_experts:
-        raise ValueError(f"{args.ckpt} keeps {model.cfg.n_experts} experts, it cannot keep {keep}")
+        raise UserError(f"{args.ckpt} keeps {model.cfg.n_experts} experts, it cannot keep {keep}")
     batches = calibration_batches(corpus, args.domain, args.calib_docs, model.cfg.seq_len)
     layers = prune(model, batches, keep, args.method, args.seed)
     if previous:  # ids in the record always refer to the original model's experts
@@ -195,4 +215,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_command(main)

@@ -1,7 +1,7 @@
 """
 The routers of nanoEMO: which experts each token uses, and the auxiliary losses that train them.
 
-Two routers share one code path (../shared/docs/emo.md, "The document-pool router"):
+Two routers share one code path (docs/method.md, "The document-pool router"):
 - 'std': the standard top-k MoE router (the baseline). Every token picks its top k routed experts.
 - 'emo': the document-pool router of EMO. All tokens of one document choose their experts from a shared
   pool: the top-P experts of the document by the sum of its tokens' router probabilities. P is drawn
@@ -51,28 +51,34 @@ def pool_mask(probs, doc_ids, pool_sizes):
     return in_pool[doc_ids]  # (N, Er) per token
 
 
-def load_balancing_loss(probs, routed_experts, n_routed):
-    """Switch-style load-balancing loss over the global batch: 1.0 for perfectly uniform routing.
-
-    probs (N, Er) router probabilities, routed_experts (N, kr) the routed experts chosen.
-    loss = Er / kr * sum_e f_e * p_e, with f_e the fraction of tokens sent to expert e (sums to kr)
-    counted over all data-parallel ranks, and p_e this rank's mean probability of e (which carries the
-    gradient). A pick of probability 0 (a pool smaller than kr leaves a token fewer experts than kr) is not
-    counted. Returns the loss and the global token counts per expert (Er,).
-    """
-    N, kr = routed_experts.shape
+def expert_counts(probs, routed_experts, n_routed):
+    """Tokens sent to each routed expert: (Er,). probs (N, Er), routed_experts (N, kr). A pick of probability
+    0 (a pool smaller than kr leaves a token fewer experts than kr) is not counted."""
     used = (probs.gather(1, routed_experts) > 0).flatten().to(probs.dtype)  # (N*kr,)
-    counts = probs.new_zeros(n_routed).index_add_(0, routed_experts.flatten(), used)  # (Er,)
+    return probs.new_zeros(n_routed).index_add_(0, routed_experts.flatten(), used)
+
+
+def load_balancing_loss(probs, counts, k_routed):
+    """Switch-style load-balancing loss over the data-parallel batch: 1.0 for perfectly uniform routing.
+
+    probs (N, Er) router probabilities, counts (Er,) this rank's tokens per expert (expert_counts).
+    loss = Er / kr * sum_e f_e * p_e, with f_e the fraction of tokens sent to expert e (sums to kr) counted
+    over all data-parallel ranks of this micro-batch (the counts and the token count are all-reduced, as in
+    the release), and p_e this rank's mean probability of e (which carries the gradient).
+    Returns the loss and the counts summed over ranks (Er,).
+    """
+    N, Er = probs.shape
     counts_and_total = torch.cat([counts, probs.new_full((1,), N)])  # (Er + 1,) all-reduced together
     if dist.is_initialized():
-        dist.all_reduce(counts_and_total)  # balance is asked of the whole batch, not of one rank
+        dist.all_reduce(counts_and_total)  # balance is asked of all ranks' tokens, not of one rank's
     counts, n_tokens = counts_and_total[:-1], counts_and_total[-1]
     fraction = counts / n_tokens  # (Er,)
-    return n_routed / kr * (fraction * probs.mean(0)).sum(), counts
+    return Er / k_routed * (fraction * probs.mean(0)).sum(), counts
 
 
 def z_loss(logits):
-    """Router z-loss: mean over tokens of logsumexp(logits)^2, keeps router logits small. logits (N, Er)."""
+    """Router z-loss: mean over tokens of logsumexp(logits)^2, keeps router logits small. logits (N, Er);
+    -inf entries (experts outside a document's pool) take no part, as in the release's EMO."""
     return torch.logsumexp(logits, dim=-1).square().mean()
 
 
@@ -82,9 +88,10 @@ class Routing:
 
     weights: torch.Tensor  # (N, K) float32, routed experts first, then the shared ones with weight 1
     experts: torch.Tensor  # (N, K) int64 expert indices
-    lb_loss: torch.Tensor  # scalar, before its weight
+    lb_loss: torch.Tensor  # scalar, before its weight (0 where no gradient is taken)
     z_loss: torch.Tensor  # scalar, before its weight
-    expert_counts: torch.Tensor  # (Er,) tokens sent to each routed expert, summed over data-parallel ranks
+    expert_counts: torch.Tensor  # (Er,) tokens sent to each routed expert (summed over data-parallel ranks
+    #                               when training)
     pool_size: torch.Tensor  # scalar: mean pool size over this batch's documents (Er when no pool is used)
 
 
@@ -130,8 +137,11 @@ class Router(nn.Module):
             pool_size = (sizes.clamp(max=self.n_routed) * is_document).sum() / is_document.sum()
         probs = masked_logits.softmax(-1)  # (N, Er) zero outside the pool
         weights, experts = probs.topk(self.k_routed, dim=-1)  # (N, kr) not renormalised
-        lb_loss, counts = load_balancing_loss(probs, experts, self.n_routed)
+        counts = expert_counts(probs, experts, self.n_routed)
+        lb_loss = probs.new_zeros(())
+        if self.training and torch.is_grad_enabled():  # evaluation and no-grad passes skip the all-reduce
+            lb_loss, counts = load_balancing_loss(probs, counts, self.k_routed)
         shared = torch.arange(self.n_routed, self.n_routed + self.n_shared, device=x.device)
         experts = torch.cat([experts, shared.expand(N, -1)], dim=1)  # (N, K)
         weights = torch.cat([weights, weights.new_ones(N, self.n_shared)], dim=1)  # (N, K)
-        return Routing(weights, experts, lb_loss, z_loss(routed_logits), counts, pool_size)
+        return Routing(weights, experts, lb_loss, z_loss(masked_logits), counts, pool_size)

@@ -6,7 +6,7 @@ Train an EMO (or standard) MoE language model: one loop from a CPU toy to the 1B
     torchrun --nproc_per_node=8 train.py config/emo_full.py     # N GPUs (NCCL) or N CPU processes (gloo)
     python train.py config/emo_tiny.py --init_from=resume       # continue out_dir/ckpt.pt exactly
 
-The loop: AdamW (no weight decay on embeddings and norms), linear warmup then cosine to min_lr_ratio * lr,
+The loop: AdamW (weight decay on everything but the input embedding, as the release), linear warmup then cosine to min_lr_ratio * lr,
 gradient accumulation, grad clipping, bf16 autocast on CUDA, optional torch.compile, DDP or FSDP2
 (`fully_shard` per block). The load-balancing loss is global: every router all-reduces its expert counts
 over the data-parallel group on every micro-batch (router.py). Per-domain validation loss every
@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from checkpoint import CHECKPOINT_NAME, atomic_write, check_shapes, load_checkpoint, save_checkpoint
 from configurator import parse_args
 from data.corpus import Corpus, TrainWindows, expand_train_files
+from errors import UserError, run_command
 from eval import evaluate_domains
 from kernels import kernel_choice
 from model import EMO, ModelConfig
@@ -122,10 +123,10 @@ def learning_rate(step, cfg):
 
 
 def configure_optimizer(model, cfg, device):
-    """AdamW; weight decay on matrices and expert weights, none on embeddings and norms."""
+    """AdamW; weight decay on every parameter but the input embedding (norms included), as the release."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
-        (no_decay if p.dim() < 2 or name.startswith("embed.") else decay).append(p)
+        (no_decay if name.startswith("embed.") else decay).append(p)
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=device.type == "cuda")
 
@@ -200,12 +201,12 @@ def resolve_model_config(cfg, model_cfg, given):
 def validate(cfg, model_cfg, given):
     """Every check that can fail before anything is written: config values, data files, vocabulary."""
     if cfg.parallel not in ("ddp", "fsdp"):
-        raise ValueError(f"parallel must be 'ddp' or 'fsdp', got {cfg.parallel!r}")
+        raise UserError(f"parallel must be 'ddp' or 'fsdp', got {cfg.parallel!r}")
     if cfg.dtype not in ("auto", "bfloat16", "float32"):
-        raise ValueError(f"dtype must be 'auto', 'bfloat16' or 'float32', got {cfg.dtype!r}")
+        raise UserError(f"dtype must be 'auto', 'bfloat16' or 'float32', got {cfg.dtype!r}")
     kernel_choice(torch.device("cpu"))  # a bad NANOEMO_KERNEL fails here, before anything is written
     if cfg.init_from == "resume" and not os.path.exists(os.path.join(cfg.out_dir, CHECKPOINT_NAME)):
-        raise FileNotFoundError(f"init_from='resume' but there is no {os.path.join(cfg.out_dir, CHECKPOINT_NAME)}")
+        raise UserError(f"init_from='resume' but there is no {os.path.join(cfg.out_dir, CHECKPOINT_NAME)}")
     model_cfg, ckpt = resolve_model_config(cfg, model_cfg, given)
     corpus = Corpus(cfg.data_dir) if cfg.data_dir else None
     if corpus is not None:
@@ -215,10 +216,10 @@ def validate(cfg, model_cfg, given):
     elif corpus is not None:
         files, dtype = corpus.train_files(), corpus.dtype
     else:
-        raise ValueError("no training data: set data_dir (a corpus of data/prepare.py) or train_files")
+        raise UserError("no training data: set data_dir (a corpus of data/prepare.py) or train_files")
     for f in files:
         if not os.path.exists(f):
-            raise FileNotFoundError(f"training file not found: {f} (run `python -m data.prepare`?)")
+            raise UserError(f"training file not found: {f} (run `python -m data.prepare`?)")
     return model_cfg, ckpt, corpus, files, dtype
 
 
@@ -256,7 +257,7 @@ class Run:
 
     def resume(self, ckpt):
         if ckpt.get("world", 1) != self.world:
-            raise ValueError(f"checkpoint written by {ckpt.get('world')} ranks, resuming with {self.world}: "
+            raise UserError(f"checkpoint written by {ckpt.get('world')} ranks, resuming with {self.world}: "
                              "RNG streams would differ; resume with the same number of ranks")
         load_full_state(self.raw, self.optimizer, ckpt["model"], ckpt["optimizer"])
         self.step = ckpt["step"]
@@ -391,9 +392,9 @@ def train(argv):
     return run.raw, loop(run)
 
 
-def main():
+def main(argv=None):
     try:
-        train(sys.argv[1:])
+        train(sys.argv[1:] if argv is None else argv)
         if dist.is_initialized():
             dist.barrier()  # leave together: gloo can abort a rank whose peer tears down first
     finally:
@@ -402,4 +403,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    run_command(main)

@@ -85,7 +85,7 @@ def moe_layer(shape, device, dtype, doc_len=600):
     N, C, H, E, K = (shape[k] for k in ("tokens", "d", "hidden", "experts", "top_k"))
     cfg = ModelConfig(vocab_size=1000, eos_id=0, d_model=C, n_head=max(C // 128, 1), n_experts=E, n_shared=1,
                       top_k=K, expert_hidden=H, router="emo", pool_min=max(E // 16, K), pool_max=E)
-    layer = MoE(cfg).to(device=device, dtype=dtype).train()
+    layer = MoE(cfg, E).to(device=device, dtype=dtype).train()
     idx = torch.randint(1, 1000, (N // 4096 or 1, min(N, 4096)), device=device)
     idx[torch.rand(idx.shape, device=device) < 1 / doc_len] = 0
     doc_ids = document_ids(idx, 0)

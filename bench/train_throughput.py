@@ -41,7 +41,7 @@ def time_steps(model_cfg, cfg, bench, device):
     model, raw = build_model(model_cfg, cfg, device, world=1)
     optimizer = configure_optimizer(raw, cfg, device)
     generator = torch.Generator().manual_seed(0)
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    dtype = torch.bfloat16 if cfg.dtype == "bfloat16" or (cfg.dtype == "auto" and device.type == "cuda") else torch.float32
     times = []
     for step in range(bench.warmup + bench.steps):
         x, y = synthetic_batch(model_cfg, cfg, bench, device, generator)

@@ -1,10 +1,10 @@
-# The release's EMO 1B-active / 14B-total model and optimisation (../shared/docs/emo.md, "Architecture").
+# The release's EMO 1B-active / 14B-total model and optimisation (docs/method.md, "The released model").
 # 128 GPUs: torchrun --nnodes=16 --nproc_per_node=8 ... train.py config/emo_full.py
 # 4 sequences per GPU per micro-step x grad_accum 2 x 128 GPUs = 1024 sequences (4.19M tokens) per step;
 # on another number of GPUs scale grad_accum to keep 1024.
 out_dir = "out/emo_full"
-data_dir = ""  # no local corpus: the release trains on OLMoE-mix-0924 tokenized with dolma2
-train_files = "data/olmoe-mix-0924/*.npy"  # OLMo-style uint32 token shards, EOS between documents
+data_dir = ""  # no local corpus: the release trains on OLMoE-mix-0824 tokenized with dolma2
+train_files = "data/olmoe-mix-0824/*.npy"  # OLMo-style uint32 token shards, EOS between documents
 train_dtype = "uint32"
 vocab_size = 100352  # dolma2 (cl100k_base extension), padded
 eos_id = 100257

@@ -1,5 +1,6 @@
-# EMO on one GPU in ~10 minutes: the scale of the probe in ../shared/docs/emo.md (d 512, 8 layers,
-# 64 experts of 256 with 1 shared, top 8, GPT-2 tokens, 1200 steps of 32 x 1024 tokens = 39M tokens).
+# EMO on one GPU in ~10 minutes: d 512, 8 layers, GPT-2 tokens, 1200 steps of 32 x 1024 tokens = 39M tokens,
+# in the release's regime (docs/method.md): 128 experts of hidden 128 (1 shared), top 8, pools [8, 128],
+# attention masked within documents. Its twin std_small.py differs where the release's twins differ.
 # python -m data.prepare --tokenizer gpt2 --out data/multidomain_gpt2
 # python train.py config/emo_small.py
 out_dir = "out/emo_small"
@@ -10,15 +11,15 @@ seq_len = 1024
 n_layer = 8
 n_head = 8
 d_model = 512
-n_experts = 64
+n_experts = 128
 n_shared = 1
 top_k = 8
-expert_hidden = 256
+expert_hidden = 128
 rope_theta = 10000.0
 router = "emo"
-pool_min = 4  # pools of 4..63 of the 63 routed experts (1/16 of the experts up to all, as in the release)
-pool_max = 63
-doc_attention = False
+pool_min = 8  # pools of 8..128 experts drawn per document, as the release's (>= 127 routed masks nothing)
+pool_max = 128
+doc_attention = True  # the release masks attention within documents for EMO (its baseline does not)
 batch_size = 32
 max_steps = 1200
 lr = 2e-3

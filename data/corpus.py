@@ -18,6 +18,8 @@ import os
 import numpy as np
 import torch
 
+from errors import UserError
+
 
 class Corpus:
     """meta.json and the held-out documents of a corpus directory."""
@@ -25,7 +27,7 @@ class Corpus:
     def __init__(self, data_dir):
         meta_path = os.path.join(data_dir, "meta.json")
         if not os.path.exists(meta_path):
-            raise FileNotFoundError(f"no corpus at {data_dir!r} (missing meta.json): run `python -m data.prepare`")
+            raise UserError(f"no corpus at {data_dir!r} (missing meta.json): run `python -m data.prepare`")
         with open(meta_path) as f:
             self.meta = json.load(f)
         self.data_dir = data_dir
@@ -39,7 +41,7 @@ class Corpus:
     def documents(self, split, domain):
         """Token arrays (EOS included) of one domain's 'val' or 'calib' documents."""
         if domain not in self.domains:
-            raise ValueError(f"unknown domain {domain!r}; this corpus has: {', '.join(self.domains)}")
+            raise UserError(f"unknown domain {domain!r}; this corpus has: {', '.join(self.domains)}")
         return [self.held_out[s:e] for s, e, d in self.meta[f"{split}_docs"] if d == domain]
 
     def domain_tokens(self, split, domain):
@@ -49,15 +51,15 @@ class Corpus:
     def check_model(self, vocab_size, eos_id):
         """Refuse a model whose vocabulary cannot hold the corpus's tokens or whose EOS differs."""
         if vocab_size < self.vocab_size:
-            raise ValueError(f"model vocab_size {vocab_size} < corpus vocabulary {self.vocab_size} ({self.data_dir})")
+            raise UserError(f"model vocab_size {vocab_size} < corpus vocabulary {self.vocab_size} ({self.data_dir})")
         if eos_id != self.eos_id:
-            raise ValueError(f"model eos_id {eos_id} != corpus EOS {self.eos_id} ({self.data_dir})")
+            raise UserError(f"model eos_id {eos_id} != corpus EOS {self.eos_id} ({self.data_dir})")
 
 
 def open_tokens(path, dtype):
     """Memory-map a flat token file: a .npy with header, or raw tokens of the given dtype."""
     if not os.path.exists(path):
-        raise FileNotFoundError(f"token file not found: {path}")
+        raise UserError(f"token file not found: {path}")
     with open(path, "rb") as f:
         has_header = f.read(6) == b"\x93NUMPY"
     return np.load(path, mmap_mode="r") if has_header else np.memmap(path, dtype=dtype, mode="r")
@@ -69,7 +71,7 @@ def expand_train_files(pattern):
     for part in pattern.split(","):
         matched = sorted(glob.glob(part))
         if not matched:
-            raise FileNotFoundError(f"no training file matches {part!r}")
+            raise UserError(f"no training file matches {part!r}")
         files += matched
     return files
 
@@ -85,7 +87,7 @@ class TrainWindows:
         self.arrays = [open_tokens(f, dtype) for f in files]
         starts_per_file = [max(len(a) - seq_len - 1, 0) for a in self.arrays]  # valid window starts
         if sum(starts_per_file) == 0:
-            raise ValueError(f"training files hold fewer than seq_len + 1 = {seq_len + 1} tokens: {files}")
+            raise UserError(f"training files hold fewer than seq_len + 1 = {seq_len + 1} tokens: {files}")
         self.cumulative = np.cumsum(starts_per_file)
         self.seq_len, self.batch_size, self.rank, self.world = seq_len, batch_size, rank, world
         self.rng = np.random.default_rng(seed)

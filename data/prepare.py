@@ -28,6 +28,7 @@ from tqdm import tqdm
 
 from data.sources import DOMAINS, fetch, read_domain
 from data.tokenizer import count_chunks, load_tokenizer, save_ranks, train_bpe
+from errors import UserError, run_command
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -47,7 +48,7 @@ def split_documents(documents, max_bytes, n_val, n_calib, seed):
             kept.append(text)
             size += len(text.encode("utf-8"))
         if len(kept) <= n_val + n_calib:
-            raise ValueError(f"domain {domain!r} has {len(kept)} documents, fewer than the "
+            raise UserError(f"domain {domain!r} has {len(kept)} documents, fewer than the "
                              f"{n_val} validation + {n_calib} calibration + 1 training documents needed")
         splits["calib"] += [(domain, t) for t in kept[:n_calib]]
         splits["val"] += [(domain, t) for t in kept[n_calib:n_calib + n_val]]
@@ -136,7 +137,7 @@ def summary(meta):
     return "\n".join(lines)
 
 
-def main():
+def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default=os.path.join(HERE, "multidomain"))
     parser.add_argument("--cache", default=os.path.join(HERE, "sources"), help="downloaded packages")
@@ -147,12 +148,16 @@ def main():
     parser.add_argument("--n_calib", type=int, default=16, help="calibration documents per domain")
     parser.add_argument("--domains", default=",".join(DOMAINS))
     parser.add_argument("--seed", type=int, default=1337)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    domains = args.domains.split(",")
+    unknown = [d for d in domains if d not in DOMAINS]
+    if unknown:
+        raise UserError(f"unknown domain {unknown[0]!r}; known: {', '.join(DOMAINS)}")
     started = time.time()
     fetch(args.cache)
     max_bytes = int(args.mb_per_domain * 1e6)
     documents = {}
-    for domain in tqdm(args.domains.split(","), desc="reading sources"):
+    for domain in tqdm(domains, desc="reading sources"):
         documents[domain] = read_domain(domain, args.cache, max_bytes)
     meta = build_corpus(documents, args.out, args.tokenizer, args.vocab_size, max_bytes, args.n_val,
                         args.n_calib, args.seed)
@@ -162,4 +167,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    run_command(main)

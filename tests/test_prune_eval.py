@@ -17,6 +17,7 @@ import eval as evaluation
 import prune
 from checkpoint import load_model, save_checkpoint
 from data.corpus import Corpus
+from errors import UserError
 from model import EMO, ModelConfig
 
 
@@ -47,8 +48,13 @@ def test_pruned_logits_equal_masked_full_model(tiny_corpus, tiny_checkpoints, ro
         pruned = copy.deepcopy(full)
         layers = prune.prune(pruned, batches, keep, method)
         kept = [layer["kept"] for layer in layers]
-        assert pruned.cfg.n_experts == keep and pruned.cfg.top_k == min(3, keep)
-        assert all(block.moe.w_up_gate.shape[0] == keep for block in pruned.layers)
+        sizes = [block.moe.w_up_gate.shape[0] for block in pruned.layers]
+        assert sizes == pruned.cfg.layer_experts() == [len(k) + 1 for k in kept]
+        if method == "global":  # the budget is shared between layers, each keeping at least one routed expert
+            assert sum(sizes) == 2 * keep and min(sizes) >= 2
+        else:
+            assert sizes == [keep, keep] and pruned.cfg.n_experts == keep
+        assert pruned.cfg.top_k == min(3, max(sizes))
         logits = pruned(idx, token_routing=True)[0]
         if keep == 8:
             assert torch.equal(logits, full(idx, token_routing=True)[0])
@@ -166,13 +172,13 @@ def test_sweep_writes_table_and_plots(tiny_corpus, tiny_checkpoints, tmp_path):
 def test_bad_prune_inputs_write_nothing(tiny_corpus, tiny_checkpoints, tmp_path, args, message):
     argv = ["--ckpt", tiny_checkpoints["emo"], "--data_dir", tiny_corpus[0], "--domain", "code",
             "--out", str(tmp_path / "x")] + args
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(UserError, match=message):
         prune.main(argv)
     assert os.listdir(tmp_path) == []
 
 
 def test_missing_checkpoint_is_a_clear_error(tiny_corpus, tmp_path):
-    with pytest.raises(FileNotFoundError, match="checkpoint not found"):
+    with pytest.raises(UserError, match="checkpoint not found"):
         prune.main(["--ckpt", str(tmp_path / "none"), "--data_dir", tiny_corpus[0], "--domain", "code",
                     "--keep", "0.5"])
 
@@ -183,10 +189,10 @@ def test_pruning_again_must_be_consistent(tiny_corpus, tiny_checkpoints, tmp_pat
                 "--out", str(tmp_path / "half"), *base])
     record = json.load(open(tmp_path / "half.json"))
     assert record["keep"] == 4 and all(len(layer["kept"]) == 3 for layer in record["layers"])
-    with pytest.raises(ValueError, match="already pruned for 'code'"):
+    with pytest.raises(UserError, match="already pruned for 'code'"):
         prune.main(["--ckpt", str(tmp_path / "half.pt"), "--domain", "math", "--keep", "0.25",
                     "--out", str(tmp_path / "bad"), *base])
-    with pytest.raises(ValueError, match="keeps 4 experts, it cannot keep 6"):
+    with pytest.raises(UserError, match="keeps 4 experts, it cannot keep 6"):
         prune.main(["--ckpt", str(tmp_path / "half.pt"), "--domain", "code", "--keep", "0.75",
                     "--out", str(tmp_path / "bad"), *base])
     assert not os.path.exists(tmp_path / "bad.pt")

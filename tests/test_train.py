@@ -9,6 +9,7 @@ import json
 import os
 import subprocess
 import sys
+import warnings
 
 import numpy as np
 import pytest
@@ -17,6 +18,7 @@ import torch
 import checkpoint
 from configurator import ConfigError, parse_args
 from data.corpus import TrainWindows
+from errors import UserError
 from model import EMO, ModelConfig
 from tests.conftest import tiny_run
 from train import TrainConfig, learning_rate, train
@@ -79,11 +81,11 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny_corpus, tmp_path):
     (["--no_such_key=1"], ConfigError, "no_such_key"),
     (["--max_step=5"], ConfigError, "did you mean 'max_steps'"),
     (["--max_steps=many"], ConfigError, "max_steps must be int"),
-    (["--vocab_size=100"], ValueError, "eos_id 319 outside the vocabulary 100"),
-    (["--vocab_size=100", "--eos_id=5"], ValueError, "vocab_size 100 < corpus vocabulary 320"),
-    (["--eos_id=5"], ValueError, "eos_id 5 != corpus EOS 319"),
-    (["--init_from=resume"], FileNotFoundError, "no .*ckpt.pt"),
-    (["--train_files=/no/such/shard-*.npy"], FileNotFoundError, "no training file matches"),
+    (["--vocab_size=100"], UserError, "eos_id 319 outside the vocabulary 100"),
+    (["--vocab_size=100", "--eos_id=5"], UserError, "vocab_size 100 < corpus vocabulary 320"),
+    (["--eos_id=5"], UserError, "eos_id 5 != corpus EOS 319"),
+    (["--init_from=resume"], UserError, "no .*ckpt.pt"),
+    (["--train_files=/no/such/shard-*.npy"], UserError, "no training file matches"),
 ])
 def test_bad_inputs_are_clear_errors_and_write_nothing(tiny_corpus, tmp_path, extra, error, message):
     out = tmp_path / "never"
@@ -93,14 +95,14 @@ def test_bad_inputs_are_clear_errors_and_write_nothing(tiny_corpus, tmp_path, ex
 
 
 def test_missing_corpus_is_a_clear_error(tmp_path):
-    with pytest.raises(FileNotFoundError, match="run `python -m data.prepare`"):
+    with pytest.raises(UserError, match="run `python -m data.prepare`"):
         train(tiny_run(tmp_path / "no_corpus", tmp_path / "out"))
     assert not (tmp_path / "out").exists()
 
 
 def test_checkpoint_of_another_shape_is_refused(tiny_corpus, tmp_path):
     train(tiny_run(tiny_corpus[0], tmp_path / "a", "--stop_after=1"))
-    with pytest.raises(ValueError, match="checkpoint of another shape: .*w_up_gate"):
+    with pytest.raises(UserError, match="checkpoint of another shape: .*w_up_gate"):
         train(tiny_run(tiny_corpus[0], tmp_path / "b", f"--init_from={tmp_path / 'a'}", "--expert_hidden=8"))
 
 
@@ -109,6 +111,24 @@ def test_fine_tune_from_checkpoint_starts_at_its_weights(tiny_corpus, tmp_path):
     second, history = train(tiny_run(tiny_corpus[0], tmp_path / "b", f"--init_from={tmp_path / 'a'}",
                                      "--max_steps=1", "--lr=0"))
     assert history[0]["step"] == 1 and torch.equal(flat_params(first), flat_params(second))
+
+
+def test_weight_decay_applies_to_everything_but_the_embedding():
+    """One AdamW step with zero gradients only decays: p <- p * (1 - lr * wd), except the input embedding
+    (the release decays norms, router and LM head too)."""
+    from train import configure_optimizer
+    torch.manual_seed(0)
+    model = EMO(ModelConfig(vocab_size=64, eos_id=0, n_layer=1, d_model=16, n_head=2, n_experts=4, top_k=2,
+                            expert_hidden=8))
+    cfg = TrainConfig(lr=0.5, weight_decay=0.1)
+    optimizer = configure_optimizer(model, cfg, torch.device("cpu"))
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    optimizer.step()
+    for name, p in model.named_parameters():
+        expected = before[name] if name == "embed.weight" else before[name] * (1 - 0.5 * 0.1)
+        torch.testing.assert_close(p.detach(), expected, rtol=0, atol=1e-7, msg=name)
 
 
 def test_learning_rate_schedule():
@@ -143,11 +163,22 @@ CONFIGS = ["emo_tiny", "std_tiny", "emo_small", "std_small", "emo_full", "stdmoe
 
 
 @pytest.mark.parametrize("emo,std", [("emo_tiny", "std_tiny"), ("emo_small", "std_small"), ("emo_full", "stdmoe_full")])
-def test_twin_configs_differ_only_in_router(emo, std):
+def test_twin_configs_differ_only_where_the_release_twins_differ(emo, std):
+    """Router and document attention mask (EMO masks attention within documents, its baseline does not)."""
     (train_a, model_a), _ = parse_args([f"{ROOT}/config/{emo}.py"], TrainConfig, ModelConfig)
     (train_b, model_b), _ = parse_args([f"{ROOT}/config/{std}.py"], TrainConfig, ModelConfig)
-    assert dataclasses.replace(model_b, router="emo") == model_a and model_a.router == "emo"
+    assert model_a.router == "emo" and model_a.doc_attention and model_b.router == "std" and not model_b.doc_attention
+    assert dataclasses.replace(model_b, router="emo", doc_attention=True) == model_a
     assert dataclasses.replace(train_b, out_dir=train_a.out_dir) == train_a
+
+
+@pytest.mark.parametrize("config", ["emo_tiny", "emo_small", "emo_full"])
+def test_configs_are_in_the_release_regime(config):
+    """Experts to top_k as 128 : 8 (so 12.5% of the experts is twice top_k), pools drawn from
+    [k_routed + 1, n_experts] like the release's [8, 128]."""
+    (_, cfg), _ = parse_args([f"{ROOT}/config/{config}.py"], TrainConfig, ModelConfig)
+    assert cfg.n_experts / cfg.top_k == 16 and cfg.n_experts // 8 == 2 * cfg.top_k
+    assert cfg.pool_min == cfg.top_k - cfg.n_shared + 1 == cfg.n_experts // 16 and cfg.pool_max == cfg.n_experts
 
 
 def test_full_config_parameter_counts():
@@ -167,9 +198,14 @@ def run_distributed(parallel, data_dir, out_dir, result, *extra):
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                f"{ROOT}/tests/distributed_worker.py", str(result),
                *tiny_run(data_dir, out_dir, "--router=std", "--batch_size=2", f"--parallel={parallel}", *extra)]
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    return torch.load(result)
+    for attempt in (1, 2):  # gloo's teardown on a loaded 2-core machine has aborted a healthy run: one retry
+        done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+        if done.returncode == 0:
+            return torch.load(result)
+        reason = f"2-rank launch exited {done.returncode}: {done.stderr.strip().splitlines()[-1:]}"
+        if attempt == 1:
+            warnings.warn(f"{reason}; launching again once")
+    raise AssertionError(reason + "\n" + done.stdout[-3000:] + done.stderr[-3000:])
 
 
 @pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
