@@ -126,13 +126,17 @@ def experts_by_grouped_mm(x_sorted, counts, w_up_gate, w_down):
 
 
 def moe_mlp_sorted(x, w_up_gate, w_down, weights, experts, expert_outputs):
-    """Gather a copy of each routed token grouped by expert, run expert_outputs on the groups, then add the
-    weighted outputs back to their tokens (in float32)."""
+    """Gather a copy of each routed token grouped by expert, run expert_outputs on the groups, weight the
+    outputs, put them back in (token, slot) order and sum each token's K slots in float32. (A gather and a
+    sum, not an index_add: autograd then keeps only the compute-dtype outputs for the routing weights'
+    gradient, not float32 copies.)"""
+    (N, C), K = x.shape, experts.shape[1]
     order, tokens, counts = sort_by_expert(experts, w_up_gate.shape[0])
     y_sorted = expert_outputs(x[tokens], counts, w_up_gate, w_down)  # (NK, C) grouped by expert
-    y_sorted = y_sorted.float() * weights.flatten()[order, None].float()
-    y = torch.zeros(x.shape, dtype=torch.float32, device=x.device).index_add_(0, tokens, y_sorted)  # (N, C)
-    return y.to(x.dtype)
+    weighted = y_sorted * weights.flatten()[order, None].to(y_sorted.dtype)  # (NK, C)
+    slot_rows = torch.empty_like(order)
+    slot_rows[order] = torch.arange(len(order), device=order.device)  # sorted row of each (token, slot)
+    return weighted[slot_rows].view(N, K, C).sum(1, dtype=torch.float32).to(x.dtype)  # (N, C)
 
 
 def moe_mlp_loop(x, w_up_gate, w_down, weights, experts):

@@ -26,9 +26,11 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from errors import UserError
 from kernels import moe_mlp
+from lm_loss import lm_loss
 from router import Router, document_ids
 
 
@@ -175,6 +177,8 @@ class EMO(nn.Module):
         self.layers = nn.ModuleList(Block(cfg, n_experts) for n_experts in cfg.layer_experts())
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        # training switch: keep only each block's input for the backward and recompute the rest there
+        self.activation_checkpointing = False
         if not any(p.is_meta for p in self.parameters()):
             self.init_weights()
 
@@ -208,7 +212,8 @@ class EMO(nn.Module):
         """idx (B, T) token ids, targets (B, T) next tokens (-1 = ignore) or None.
         Returns (logits (B, T, V), None, stats) without targets, (None, loss to optimise, stats) with them
         (the loss never holds all logits at once). stats: lb_loss, z_loss (averaged over layers),
-        expert_counts (one (Er,) tensor per layer), pool_size, and lm_loss given targets."""
+        expert_counts (one (Er,) tensor per layer), pool_size, and given targets lm_loss (cross-entropy) and
+        lm_z_loss."""
         B, T = idx.shape
         doc_ids = document_ids(idx, self.cfg.eos_id)  # (B, T)
         attn_mask = document_attention_mask(doc_ids) if self.cfg.doc_attention else None
@@ -216,7 +221,10 @@ class EMO(nn.Module):
         x = self.embed(idx)  # (B, T, C)
         routings = []
         for block in self.layers:
-            x, routing = block(x, cos, sin, attn_mask, doc_ids, token_routing)
+            if self.activation_checkpointing and torch.is_grad_enabled():  # the recompute redraws the same pools
+                x, routing = checkpoint(block, x, cos, sin, attn_mask, doc_ids, token_routing, use_reentrant=False)
+            else:
+                x, routing = block(x, cos, sin, attn_mask, doc_ids, token_routing)
             routings.append(routing)
         stats = {
             "lb_loss": torch.stack([r.lb_loss for r in routings]).mean(),
@@ -227,25 +235,11 @@ class EMO(nn.Module):
         x = self.norm(x)
         if targets is None:
             return self.lm_head(x).float(), None, stats  # (B, T, V)
-        stats["lm_loss"], lm_z_loss = self.lm_losses(x.flatten(0, 1), targets.reshape(-1))
-        loss = stats["lm_loss"] + self.cfg.lb_weight * stats["lb_loss"] + self.cfg.z_weight * stats["z_loss"]
-        if self.cfg.lm_z_weight > 0:
-            loss = loss + self.cfg.lm_z_weight * lm_z_loss
+        # (the loss never holds all (B*T, V) logits: lm_loss.py)
+        lm, stats["lm_loss"], stats["lm_z_loss"] = lm_loss(x.flatten(0, 1), self.lm_head.weight,
+                                                           targets.reshape(-1), self.cfg.lm_z_weight)
+        loss = lm + self.cfg.lb_weight * stats["lb_loss"] + self.cfg.z_weight * stats["z_loss"]
         return None, loss, stats
-
-    def lm_losses(self, x, targets):
-        """Cross-entropy and LM-head z-loss (mean logsumexp^2), means over targets != -1. x (N, C).
-        The logits are made a chunk of tokens at a time: (N, V) float32 logits of a large vocabulary are big,
-        and on the CPU each allocation above glibc's mmap threshold (32 MB) costs fresh page faults."""
-        chunk = max(256, 2 ** 21 // self.cfg.vocab_size)
-        ce_sum, z_sum = 0.0, 0.0
-        for x_chunk, t_chunk in zip(x.split(chunk), targets.split(chunk)):
-            logits = self.lm_head(x_chunk).float()  # (chunk, V)
-            ce_sum = ce_sum + F.cross_entropy(logits, t_chunk, ignore_index=-1, reduction="sum")
-            if self.cfg.lm_z_weight > 0:
-                z_sum = z_sum + (torch.logsumexp(logits, dim=-1).square() * (t_chunk != -1)).sum()
-        n_targets = (targets != -1).sum().clamp(min=1)
-        return ce_sum / n_targets, z_sum / n_targets
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, sample_top_k=None):

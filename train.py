@@ -6,14 +6,16 @@ Train an EMO (or standard) MoE language model: one loop from a CPU toy to the 1B
     torchrun --nproc_per_node=8 train.py config/emo_full.py     # N GPUs (NCCL) or N CPU processes (gloo)
     python train.py config/emo_tiny.py --init_from=resume       # continue out_dir/ckpt.pt exactly
 
-The loop: AdamW (weight decay on everything but the input embedding, as the release), linear warmup then cosine to min_lr_ratio * lr,
-gradient accumulation, grad clipping, bf16 autocast on CUDA, optional torch.compile, DDP or FSDP2
-(`fully_shard` per block). The load-balancing loss is global: every router all-reduces its expert counts
-over the data-parallel group on every micro-batch (router.py). Per-domain validation loss every
-eval_interval. Checkpoints are atomic and carry the optimizer, RNG states and data position, so a resumed
-run reproduces the losses of an uninterrupted one; a NaN/inf loss stops the run without saving; SIGINT and
-SIGTERM end the run at the next step boundary with a checkpoint. out_dir/ holds ckpt.pt, log.txt and
-history.json (every step's losses and statistics, for plots).
+The loop: AdamW (weight decay on everything but the input embedding, as the release), linear warmup then
+cosine to min_lr_ratio * lr, gradient accumulation, grad clipping, bf16 autocast on CUDA, optional
+torch.compile (--compile=True) and activation checkpointing per block (--activation_checkpointing=True),
+DDP or FSDP2 (`fully_shard` per block; with bf16, float32 master weights and float32 gradient reduction).
+The load-balancing loss is global: every router all-reduces its expert counts over the data-parallel group
+on every micro-batch (router.py). Per-domain validation loss every eval_interval. Checkpoints are atomic
+and carry the optimizer, RNG states and data position, so a resumed run reproduces the losses of an
+uninterrupted one; a NaN/inf loss stops the run without saving; SIGINT and SIGTERM end the run at the next
+step boundary with a checkpoint. out_dir/ holds ckpt.pt, log.txt and history.json (every step's losses and
+statistics, for plots). Memory and time of a config on N GPUs, before renting them: bench/plan.py.
 """
 
 import dataclasses
@@ -66,6 +68,7 @@ class TrainConfig:
     device: str = "auto"  # 'auto': cuda if available, else cpu
     dtype: str = "auto"  # 'auto': bfloat16 autocast on CUDA, float32 on CPU
     compile: bool = False
+    activation_checkpointing: bool = False  # recompute each block in the backward: less memory, ~1/3 more compute
     parallel: str = "ddp"  # 'ddp' or 'fsdp' when launched with torchrun
     peak_flops: float = 0.0  # per device, for MFU; 0: looked up from the GPU name (none on CPU)
     wandb_log: bool = False
@@ -131,21 +134,25 @@ def configure_optimizer(model, cfg, device):
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=device.type == "cuda")
 
 
-def build_model(model_cfg, cfg, device, world):
-    """The model on its device, wrapped for data parallelism. Returns (model to call, the bare module)."""
+def build_model(model_cfg, cfg, device, world, compute_dtype=torch.float32):
+    """The model on its device, wrapped for data parallelism. Returns (model to call, the bare module).
+    FSDP2 shards every block and the rest; with bfloat16 compute it keeps float32 master weights, gathers
+    bfloat16 copies for the forward and backward, and reduces gradients in float32."""
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     if cfg.parallel == "fsdp" and world > 1:
-        from torch.distributed.fsdp import fully_shard
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+        policy = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
         with torch.device("meta"):
             raw = EMO(model_cfg)
         for block in raw.layers:
-            fully_shard(block)
-        fully_shard(raw)
+            fully_shard(block, mp_policy=policy)
+        fully_shard(raw, mp_policy=policy)
         raw.to_empty(device=device)
         raw.init_weights()
     else:
         with torch.device(device):
             raw = EMO(model_cfg)
+    raw.activation_checkpointing = cfg.activation_checkpointing
     model = torch.compile(raw) if cfg.compile else raw
     if cfg.parallel == "ddp" and world > 1:
         from torch.nn.parallel import DistributedDataParallel
@@ -227,9 +234,10 @@ def log_header(log, cfg, model_cfg, raw, device, autocast_dtype, world, files):
     total, active = raw.num_params()
     log(f"nanoEMO | python {platform.python_version()} | torch {torch.__version__} | device {device} x {world} "
         f"({cfg.parallel if world > 1 else 'single process'})")
-    kernel, reason = kernel_choice(device, autocast_dtype)
-    log(f"dtype {autocast_dtype} ({'bf16 autocast on CUDA' if autocast_dtype == torch.bfloat16 else 'float32'}) | "
-        f"expert kernel: {kernel} ({reason}) | compile {cfg.compile}")
+    kernel, reason = kernel_choice(device, autocast_dtype, (model_cfg.expert_hidden, model_cfg.d_model))
+    log(f"dtype {autocast_dtype} ({'bf16 autocast' if autocast_dtype == torch.bfloat16 else 'float32'}) | "
+        f"expert kernel: {kernel} ({reason}) | compile {cfg.compile} | "
+        f"activation checkpointing {cfg.activation_checkpointing}")
     log(f"model: {dataclasses.asdict(model_cfg)}")
     log(f"train: {dataclasses.asdict(cfg)}")
     log(f"parameters: {total / 1e6:.2f}M total, {active / 1e6:.2f}M active | training files: {files}")
@@ -244,7 +252,7 @@ class Run:
         use_bf16 = cfg.dtype == "bfloat16" or (cfg.dtype == "auto" and self.device.type == "cuda")
         self.autocast_dtype = torch.bfloat16 if use_bf16 else torch.float32
         self.log = Logger(cfg, self.rank, {**dataclasses.asdict(cfg), **dataclasses.asdict(model_cfg)})
-        self.model, self.raw = build_model(model_cfg, cfg, self.device, self.world)
+        self.model, self.raw = build_model(model_cfg, cfg, self.device, self.world, self.autocast_dtype)
         self.optimizer = configure_optimizer(self.raw, cfg, self.device)
         self.windows = TrainWindows(files, dtype, model_cfg.seq_len, cfg.batch_size, cfg.seed, self.rank, self.world)
         self.step = 0
@@ -392,14 +400,26 @@ def train(argv):
     return run.raw, loop(run)
 
 
+def leave_process_group():
+    """Leave together, then end the process without C++ static destructors: after a finished run, a gloo
+    rank has aborted in them ('terminate called without an active exception'), failing a run that had
+    written everything."""
+    dist.barrier()
+    dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
 def main(argv=None):
     try:
         train(sys.argv[1:] if argv is None else argv)
-        if dist.is_initialized():
-            dist.barrier()  # leave together: gloo can abort a rank whose peer tears down first
-    finally:
+    except BaseException:
         if dist.is_initialized():
             dist.destroy_process_group()
+        raise
+    if dist.is_initialized():
+        leave_process_group()
 
 
 if __name__ == "__main__":

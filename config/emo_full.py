@@ -25,6 +25,7 @@ lb_weight = 0.1
 z_weight = 0.001
 lm_z_weight = 1e-5
 parallel = "fsdp"  # a 14B replica per GPU does not fit; fully_shard per block
+dtype = "bfloat16"  # bf16 compute; FSDP keeps float32 master weights and reduces gradients in float32
 batch_size = 4
 grad_accum = 2
 max_steps = 238419  # 1T tokens

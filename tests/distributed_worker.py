@@ -9,7 +9,7 @@ import sys
 import torch
 import torch.distributed as dist
 
-from train import train
+from train import leave_process_group, train
 
 
 def full_parameters(model):
@@ -27,8 +27,7 @@ def main():
     if dist.get_rank() == 0:
         torch.save({"params": params, "ranks_max_diff": max((g - params).abs().max().item() for g in gathered),
                     "losses": [r["loss"] for r in history], "lb": [r["lb_loss"] for r in history]}, out_path)
-    dist.barrier()  # leave together: gloo can abort a rank whose peer tears down first
-    dist.destroy_process_group()
+    leave_process_group()
 
 
 if __name__ == "__main__":

@@ -151,10 +151,10 @@ def test_generate_appends_tokens():
     assert out.shape == (2, 9) and torch.equal(out[:, :5], tokens()[:, :5])
 
 
-def test_chunked_lm_loss_equals_full_cross_entropy():
+def test_model_loss_is_cross_entropy_plus_weighted_auxiliary_losses():
     torch.manual_seed(0)
-    model = EMO(tiny_config(vocab_size=3000, lm_z_weight=1e-2, router="std"))  # chunks of 699 tokens
-    idx = torch.randint(1, 3000, (3, 600))
+    model = EMO(tiny_config(vocab_size=300, lm_z_weight=1e-2, router="std"))  # chunks: tests/test_lm_loss.py
+    idx = torch.randint(1, 300, (3, 600))
     targets = idx.roll(-1, dims=1)
     targets[:, -5:] = -1
     logits, _, stats = model(idx)
@@ -165,3 +165,21 @@ def test_chunked_lm_loss_equals_full_cross_entropy():
     torch.testing.assert_close(stats_t["lm_loss"], ce)
     expected = ce + 0.1 * stats["lb_loss"] + 0.001 * stats["z_loss"] + 1e-2 * z
     torch.testing.assert_close(loss, expected)
+
+
+def test_activation_checkpointing_gives_the_same_step():
+    """Recomputing each block in the backward (the pools redrawn from the same RNG state) changes nothing."""
+    torch.manual_seed(0)
+    model = EMO(tiny_config(router="emo", doc_attention=True))
+    idx = tokens()
+    results = []
+    for checkpointing in (False, True):
+        model.activation_checkpointing = checkpointing
+        model.zero_grad()
+        torch.manual_seed(1)
+        _, loss, _ = model(idx, idx.roll(-1, 1))
+        loss.backward()
+        results.append((loss.detach(), [p.grad.clone() for p in model.parameters()]))
+    assert torch.equal(results[0][0], results[1][0])
+    for plain, checkpointed in zip(results[0][1], results[1][1]):
+        torch.testing.assert_close(checkpointed, plain, rtol=1e-5, atol=1e-7)
