@@ -19,8 +19,9 @@ import pickle
 
 import torch
 
+from data.tokenizer import encoding_for, encoding_from_record, read_tokenizer_json, tokenizer_record
 from errors import UserError, run_command
-from hf import DTYPES, export_hf, load_hf
+from hf import DTYPES, export_hf, load_hf, resolve_folder
 from model import EMO, ModelConfig
 
 CHECKPOINT_NAME = "ckpt.pt"
@@ -93,10 +94,15 @@ def is_hf_checkpoint(path):
 
 def load_model(path, device="cpu"):
     """The model of a checkpoint (nanoEMO file or run directory, or Hugging Face folder or hub id), in eval
-    mode, with the checkpoint dict ({"model_config", "step", "pruning"?} for a Hugging Face one)."""
+    mode, with the checkpoint dict ({"model_config", "step", "tokenizer"?} for a Hugging Face one, the
+    tokenizer read from its tokenizer.json)."""
     if is_hf_checkpoint(path):
-        model = load_hf(path, device)
-        return model, {"model_config": dataclasses.asdict(model.cfg), "step": None}
+        folder = resolve_folder(path)
+        model = load_hf(folder, device, name=path)
+        tokenizer_file = os.path.join(folder, "tokenizer.json")
+        tokenizer = (tokenizer_record(read_tokenizer_json(tokenizer_file), "tokenizer.json")
+                     if os.path.exists(tokenizer_file) else None)
+        return model, {"model_config": dataclasses.asdict(model.cfg), "step": None, "tokenizer": tokenizer}
     ckpt = load_checkpoint(path)
     cfg = ModelConfig(**ckpt["model_config"])
     with torch.device("meta"):
@@ -107,14 +113,26 @@ def load_model(path, device="cpu"):
     return model.eval(), ckpt
 
 
+def checkpoint_tokenizer(ckpt, given, path):
+    """The tiktoken encoding to use with a checkpoint: the one given (gpt2, cl100k_base, dolma2, a rank file
+    or a tokenizer.json), else the one the checkpoint records."""
+    if given:
+        return encoding_for(given)
+    if not ckpt.get("tokenizer"):
+        raise UserError(f"{path} records no tokenizer: give --tokenizer (gpt2, cl100k_base, dolma2, a rank file or "
+                        "a tokenizer.json)")
+    return encoding_from_record(ckpt["tokenizer"])
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description="Export a nanoEMO checkpoint in the release's Hugging Face format")
     parser.add_argument("--ckpt", required=True, help="nanoEMO checkpoint (file or run directory)")
     parser.add_argument("--hf_out", required=True, help="folder to write config.json and safetensors into")
     parser.add_argument("--dtype", default="bfloat16", choices=list(DTYPES))
     args = parser.parse_args(argv)
-    model, _ = load_model(args.ckpt)
-    export_hf(model, args.hf_out, DTYPES[args.dtype])
+    model, ckpt = load_model(args.ckpt)
+    tokenizer = encoding_from_record(ckpt["tokenizer"]) if ckpt.get("tokenizer") else None
+    export_hf(model, args.hf_out, DTYPES[args.dtype], tokenizer=tokenizer, pruning=ckpt.get("pruning"))
     print(f"wrote {args.hf_out}: {model.cfg.n_experts} experts x {model.cfg.n_layer} layers, {args.dtype}")
 
 

@@ -1,25 +1,30 @@
 """
-Per-domain quality of a model on held-out documents: loss, perplexity and next-token accuracy, routing
-token by token (no pool), as the release does at inference. With --sweep, the paper's experiment: prune
-each model for each domain at several fractions of experts kept (prune.py), evaluate, and write the
-retention table and curves (EMO vs the standard MoE) and a heatmap of expert usage per domain.
+Per-domain quality of a model on held-out text: loss, perplexity and next-token accuracy, routing token by
+token (no pool), as the release does at inference; and, with --sweep, the paper's experiment: prune each
+model for each domain at several fractions of experts kept (prune.py), then measure loss, next-token accuracy
+and task accuracy (tasks.py), and write the retention table and plots (report.py).
 
-    python eval.py --ckpt out/emo_tiny
-    python eval.py --ckpt out/emo_tiny/pruned/python-keep2-greedy.pt
+    python eval.py --ckpt out/emo_tiny                                  # the built-in corpus's domains
+    python eval.py --ckpt out/pruned/emo_tiny/python-keep8-greedy.pt
+    python eval.py --ckpt out/emo_tiny --data my_eval/                  # your own text (data/user.py)
     python eval.py --sweep --ckpt out/emo_tiny,out/std_tiny --keep 1.0,0.5,0.25,0.125 --out out/sweep_tiny
+    python eval.py --sweep --ckpt out/emo_tiny,out/std_tiny --calib notes=my_calib/ --data notes=my_eval/
     python eval.py --curves --ckpt out/emo_tiny,out/std_tiny --out out/sweep_tiny     # training curves
 
-A domain's validation documents are laid back to back and cut into windows of seq_len + 1 tokens (every
-token is predicted once); the last window is padded and its padding ignored. Only validation documents
-are scored; prune.py calibrates on the separate calibration documents.
+Evaluation text is laid back to back (each document closed by its EOS) and cut into windows of seq_len + 1
+tokens, every token predicted once; the last window is padded and its padding ignored; tokens that are not
+scored (the prompt of a prompt/answer example) are context only. In the sweep, a built-in domain is pruned
+with task demonstrations from its calibration documents and evaluated on its validation documents (16,384
+tokens) and on task items made from them; a user domain (--calib NAME=PATH with --data NAME=PATH) is pruned
+with its --calib text and evaluated on its --data text, with task items made from its --data documents when
+there are enough.
 """
 
 import argparse
 import copy
-import csv
-import json
 import math
 import os
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -27,23 +32,30 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from checkpoint import checkpoint_path, is_hf_checkpoint, load_model, model_name
+from checkpoint import checkpoint_path, checkpoint_tokenizer, is_hf_checkpoint, load_model, model_name
 from data.corpus import Corpus
+from data.user import read_examples, tokenize_examples
 from errors import UserError, run_command
-from prune import METHODS, calibration_batches, expert_scores, parse_keep, prune
+from prune import METHODS, corpus_calibration, expert_scores, parse_keep, prune, user_calibration
+from report import plot_training, write_sweep
+from tasks import task_accuracy, task_items
 
 
-def domain_windows(tokens, seq_len, max_tokens):
-    """(n,) tokens -> inputs and targets (W, T) int64, at most max_tokens targets, padding targets -1."""
+def domain_windows(tokens, seq_len, max_tokens, scored=None):
+    """(n,) tokens -> inputs and targets (W, T) int64, at most max_tokens targets; targets -1 where padding
+    or where the target token is not scored (scored (n,) bool, None: all)."""
     tokens = np.asarray(tokens[:max_tokens + 1], dtype=np.int64)
+    targets = tokens.copy()
+    if scored is not None:
+        targets[~np.asarray(scored[:max_tokens + 1], dtype=bool)] = -1
     n_targets = len(tokens) - 1
     n_windows = math.ceil(n_targets / seq_len)
     x = np.zeros((n_windows, seq_len), dtype=np.int64)
     y = np.full((n_windows, seq_len), -1, dtype=np.int64)
     for w in range(n_windows):
-        chunk = tokens[w * seq_len:(w + 1) * seq_len + 1]
-        x[w, :len(chunk) - 1] = chunk[:-1]
-        y[w, :len(chunk) - 1] = chunk[1:]
+        start, end = w * seq_len, min((w + 1) * seq_len, n_targets)
+        x[w, :end - start] = tokens[start:end]
+        y[w, :end - start] = targets[start + 1:end + 1]
     return torch.from_numpy(x), torch.from_numpy(y)
 
 
@@ -91,188 +103,124 @@ def evaluate_domains(model, corpus, split, seq_len, batch_size, max_tokens, devi
     return results
 
 
+@dataclass
+class Domain:
+    """What the sweep needs of one domain: calibration batches, evaluation tokens, task items."""
+    name: str
+    calibration: list  # [(idx (1, T), scored (1, T))]
+    tokens: np.ndarray  # (n,) evaluation text, documents back to back
+    scored: np.ndarray = None  # (n,) bool, None: every token
+    items: list = field(default_factory=list)  # tasks.Item
+
+
+def corpus_domains(corpus, calib_docs, max_tokens):
+    """The built-in corpus's domains: task demonstrations to calibrate, validation documents to evaluate."""
+    return [Domain(d, corpus_calibration(corpus, d, calib_docs), corpus.domain_tokens("val", d)[:max_tokens + 1],
+                   items=task_items(corpus.documents("val", d))) for d in corpus.domains]
+
+
+def named_paths(spec, flag):
+    """'name=path,name2=path2' (or one bare path, named by its file or folder) -> {name: path}."""
+    named = {}
+    for part in spec.split(","):
+        name, _, path = part.rpartition("=")
+        named[name or os.path.splitext(os.path.basename(os.path.normpath(path)))[0]] = path
+    if not all(named):
+        raise UserError(f"{flag} {spec!r}: give NAME=PATH pairs")
+    return named
+
+
+def text_tokens(path, encoding, cfg):
+    """Evaluation text of the user's files: (tokens (n,), scored (n,), documents [token arrays])."""
+    tokenized = tokenize_examples(read_examples(path), encoding, cfg.eos_id)
+    if max(int(t.max()) for t, _ in tokenized) >= cfg.vocab_size:
+        raise UserError(f"the tokenizer gives tokens outside the model's vocabulary of {cfg.vocab_size}: it is not "
+                        "this checkpoint's tokenizer")
+    documents = [tokens for tokens, scored in tokenized if scored.all()]
+    return np.concatenate([t for t, _ in tokenized]), np.concatenate([s for _, s in tokenized]), documents
+
+
+def user_domains(calib_spec, data_spec, encoding, cfg, calib_docs, max_tokens):
+    """User domains: each NAME pruned with --calib's NAME text and evaluated on --data's NAME text."""
+    calib, data = named_paths(calib_spec, "--calib"), named_paths(data_spec, "--data")
+    if set(calib) != set(data):
+        raise UserError(f"--calib names {sorted(calib)} and --data names {sorted(data)} differ: each domain needs "
+                        "both calibration and evaluation text")
+    domains = []
+    for name in data:
+        tokens, scored, documents = text_tokens(data[name], encoding, cfg)
+        domains.append(Domain(name, user_calibration(calib[name], encoding, cfg, calib_docs),
+                              tokens[:max_tokens + 1], scored[:max_tokens + 1], task_items(documents)))
+    return domains
+
 
 @torch.no_grad()
-def expert_usage(model, corpus, max_tokens):
-    """Mean router probability of each routed expert on each domain's validation tokens (full model, token
+def expert_usage(model, domains):
+    """Mean router probability of each routed expert on each domain's evaluation tokens (full model, token
     routing): (n_domains, n_layer, Er). Domain-specific rows are EMO's semantic specialisation."""
     usage = []
-    for domain in corpus.domains:
-        tokens = torch.from_numpy(corpus.domain_tokens("val", domain)[:max_tokens].astype("int64"))
-        windows = [w[None] for w in tokens.split(model.cfg.seq_len)]  # the last one shorter: no padding counted
-        usage.append(torch.stack(expert_scores(model, windows, "global")))
+    for domain in domains:
+        tokens = torch.from_numpy(np.asarray(domain.tokens, dtype=np.int64))
+        windows = [(w[None], torch.ones(1, len(w), dtype=torch.bool)) for w in tokens.split(model.cfg.seq_len)]
+        usage.append(torch.stack(expert_scores(model, windows, "global")))  # windows unpadded: no padding counted
     return torch.stack(usage)
 
 
-def sweep(paths, corpus, fractions, method, calib_docs, max_tokens, batch_size, device):
+def evaluate_domain(model, domain, batch_size, device):
+    """Loss, perplexity, next-token accuracy and task accuracy of one model on one domain."""
+    x, y = domain_windows(domain.tokens, model.cfg.seq_len, len(domain.tokens), domain.scored)
+    result = summarize(evaluate_windows(model, x, y, batch_size, device))
+    result["task_accuracy"] = task_accuracy(model, domain.items, 4 * batch_size, device)
+    result["task_items"] = len(domain.items)
+    return result
+
+
+def sweep(models, domains, fractions, method, batch_size, device):
     """Prune every model for every domain at every kept fraction (calibrating on the domain's calibration
-    documents) and evaluate it on the domain's validation documents. Returns result rows, with changes
+    examples) and evaluate it on the domain's evaluation text and task. Returns result rows, with changes
     relative to the full model, and {model name: expert usage}."""
-    full_models = {model_name(path): load_model(path, device)[0] for path in paths}
     rows = []
-    jobs = [(name, domain) for name in full_models for domain in corpus.domains]
+    jobs = [(name, domain) for name in models for domain in domains]
     for name, domain in tqdm(jobs, desc="sweep (model x domain)"):
-        full = full_models[name]
-        batches = calibration_batches(corpus, domain, calib_docs, full.cfg.seq_len)
+        full = models[name]
         base = None
         for fraction in sorted(fractions, reverse=True):  # 1.0 first: the reference for the changes
             keep = parse_keep(repr(float(fraction)), full.cfg.n_experts, full.cfg.n_shared)
             model = copy.deepcopy(full)
             if keep < full.cfg.n_experts:
-                prune(model, batches, keep, method)
-            result = evaluate_domains(model, corpus, "val", model.cfg.seq_len, batch_size, max_tokens, device,
-                                      domains=[domain])[domain]
+                prune(model, domain.calibration, keep, method)
+            result = evaluate_domain(model, domain, batch_size, device)
             base = base or result
-            rows.append({"model": name, "domain": domain, "keep": keep, "fraction": fraction, **result,
+            rows.append({"model": name, "domain": domain.name, "keep": keep, "fraction": fraction, **result,
                          "d_loss": result["loss"] - base["loss"], "d_loss_rel": result["loss"] / base["loss"] - 1,
-                         "d_accuracy": result["accuracy"] - base["accuracy"]})
-    usage = {name: expert_usage(model, corpus, max_tokens) for name, model in full_models.items()}
+                         "d_accuracy": result["accuracy"] - base["accuracy"],
+                         "d_task_accuracy": result["task_accuracy"] - base["task_accuracy"]})
+    usage = {name: expert_usage(model, domains) for name, model in models.items()}
     return rows, usage
 
 
-def averages(rows):
-    """Rows averaged over domains: {(model, fraction): {loss, accuracy, d_loss, d_loss_rel, d_accuracy, keep}}."""
-    groups = {}
-    for r in rows:
-        groups.setdefault((r["model"], r["fraction"]), []).append(r)
-    keys = ("loss", "accuracy", "d_loss", "d_loss_rel", "d_accuracy")
-    return {k: {**{key: sum(r[key] for r in g) / len(g) for key in keys}, "keep": g[0]["keep"]}
-            for k, g in groups.items()}
-
-
-def markdown_table(rows):
-    """Average over domains per model and fraction kept, then the loss change per domain."""
-    avg = averages(rows)
-    models = list(dict.fromkeys(r["model"] for r in rows))
-    fractions = sorted({r["fraction"] for r in rows}, reverse=True)
-    domains = list(dict.fromkeys(r["domain"] for r in rows))
-    head = "| experts kept | " + " | ".join(f"{m} loss (change) | {m} accuracy (change)" for m in models) + " |"
-    lines = ["Average over domains:", "", head, "|---" * (1 + 2 * len(models)) + "|"]
-    for f in fractions:
-        cells = []
-        for m in models:
-            a = avg[(m, f)]
-            cells += [f"{a['loss']:.3f} ({a['d_loss']:+.3f}, {a['d_loss_rel']:+.1%})",
-                      f"{a['accuracy']:.1%} ({100 * a['d_accuracy']:+.1f} pt)"]
-        lines.append(f"| {avg[(models[0], f)]['keep']} ({f:.1%}) | " + " | ".join(cells) + " |")
-    lines += ["", "Loss change per domain (pruned for that domain vs the full model):", "",
-              "| model | experts kept | " + " | ".join(domains) + " |", "|---|---" + "|---" * len(domains) + "|"]
-    by_key = {(r["model"], r["fraction"], r["domain"]): r for r in rows}
-    for m in models:
-        for f in fractions[1:]:
-            lines.append(f"| {m} | {f:.1%} | " + " | ".join(f"{by_key[(m, f, d)]['d_loss']:+.3f}" for d in domains)
-                         + " |")
-    return "\n".join(lines)
-
-
-def plot_retention(rows, path, metric):
-    """Quality vs fraction of experts kept: one panel per domain and one for the average, a line per model."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    domains = list(dict.fromkeys(r["domain"] for r in rows)) + ["average"]
-    models = list(dict.fromkeys(r["model"] for r in rows))
-    avg = averages(rows)
-    cols = 3
-    fig, axes = plt.subplots(math.ceil(len(domains) / cols), cols, figsize=(12, 3.2 * math.ceil(len(domains) / cols)),
-                             squeeze=False)
-    for ax, domain in zip(axes.flat, domains):
-        for m in models:
-            if domain == "average":
-                points = sorted((f, a[metric]) for (mm, f), a in avg.items() if mm == m)
-            else:
-                points = sorted((r["fraction"], r[metric]) for r in rows if r["model"] == m and r["domain"] == domain)
-            ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=m)
-        ax.set_xscale("log", base=2)
-        ax.set_title(domain, fontweight="bold" if domain == "average" else "normal")
-        ax.set_xlabel("fraction of experts kept")
-        ax.set_ylabel("validation " + metric)
-        ax.grid(alpha=0.3)
-    for ax in list(axes.flat)[len(domains):]:
-        ax.axis("off")
-    axes.flat[0].legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def plot_usage(usage, domains, path):
-    """Heatmaps of expert usage: a row of layers per model, each a (domain x expert) map of mean router
-    probability. Domain-specific experts show as bright cells alone in their column."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    models = list(usage)
-    n_layer = usage[models[0]].shape[1]
-    fig, axes = plt.subplots(len(models), n_layer, figsize=(3.2 * n_layer, 2.6 * len(models)), squeeze=False)
-    for row, m in enumerate(models):
-        for layer in range(n_layer):
-            ax = axes[row, layer]
-            n_routed = usage[m].shape[2]
-            ax.imshow(usage[m][:, layer].numpy(), aspect="auto", cmap="viridis")
-            ax.set_title(f"{m}, layer {layer}", fontsize=9)
-            ax.set_yticks(range(len(domains)))
-            ax.set_yticklabels(domains if layer == 0 else [], fontsize=8)
-            ax.set_xticks(range(0, n_routed, max(1, n_routed // 8)))
-            ax.set_xlabel("routed expert", fontsize=8)
-    fig.suptitle("mean router probability per domain (brighter = more used; each panel its own scale)", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def plot_training(paths, path):
-    """Training curves of runs from their history.json: LM loss per step and mean validation loss."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, (train_ax, val_ax) = plt.subplots(1, 2, figsize=(11, 3.8))
-    for run in paths:
-        with open(os.path.join(run, "history.json")) as f:
-            history = json.load(f)
-        steps = [r["step"] for r in history]
-        train_ax.plot(steps, [r["lm_loss"] for r in history], label=model_name(run), alpha=0.8)
-        val = [(r["step"], sum(r["val"].values()) / len(r["val"])) for r in history if "val" in r]
-        val_ax.plot([v[0] for v in val], [v[1] for v in val], marker="o", label=model_name(run))
-    for ax, title in ((train_ax, "training LM loss"), (val_ax, "validation loss (mean over domains)")):
-        ax.set_xlabel("step")
-        ax.set_title(title)
-        ax.grid(alpha=0.3)
-        ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def write_sweep(rows, usage, domains, out_dir):
-    os.makedirs(out_dir, exist_ok=True)
-    table = markdown_table(rows)
-    with open(os.path.join(out_dir, "table.md"), "w") as f:
-        f.write(table + "\n")
-    with open(os.path.join(out_dir, "results.json"), "w") as f:
-        json.dump(rows, f, indent=1)
-    with open(os.path.join(out_dir, "results.csv"), "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    plot_retention(rows, os.path.join(out_dir, "retention_loss.png"), "loss")
-    plot_retention(rows, os.path.join(out_dir, "retention_accuracy.png"), "accuracy")
-    plot_usage(usage, domains, os.path.join(out_dir, "expert_usage.png"))
-    return table
+def print_results(name, model, results):
+    print(f"{name}: {model.cfg.n_experts} experts, top {model.cfg.top_k}")
+    print(f"{'domain':<12}{'loss':>8}{'ppl':>10}{'accuracy':>10}{'tokens':>9}")
+    for domain, r in results.items():
+        print(f"{domain:<12}{r['loss']:>8.3f}{r['perplexity']:>10.2f}{r['accuracy']:>10.1%}{r['tokens']:>9}")
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ckpt", "--init_from", dest="ckpt", required=True,
                         help="checkpoint(s), comma-separated: files, run directories, Hugging Face folders or hub ids")
-    parser.add_argument("--data_dir", default="data/multidomain")
-    parser.add_argument("--max_tokens", type=int, default=16384, help="validation tokens per domain")
+    parser.add_argument("--data_dir", default="data/multidomain", help="the built-in corpus")
+    parser.add_argument("--data", default="", help="your own evaluation text: PATH, or NAME=PATH,... for a sweep")
+    parser.add_argument("--calib", default="", help="sweep over your own domains: NAME=PATH,... calibration text")
+    parser.add_argument("--tokenizer", default="", help="for --data when the checkpoint records none")
+    parser.add_argument("--max_tokens", type=int, default=16384, help="evaluation tokens per domain")
     parser.add_argument("--batch_size", type=int, default=16)
     parser.add_argument("--sweep", action="store_true", help="prune + evaluate every domain at every --keep")
     parser.add_argument("--curves", action="store_true", help="plot the runs' training curves (history.json)")
     parser.add_argument("--keep", default="1.0,0.5,0.25,0.125", help="fractions of experts kept (sweep)")
     parser.add_argument("--method", default="greedy", choices=METHODS)
-    parser.add_argument("--calib_docs", type=int, default=16)
+    parser.add_argument("--calib_docs", type=int, default=16, help="calibration examples per domain (sweep)")
     parser.add_argument("--out", default="out/sweep", help="where the sweep writes its table and plots")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
@@ -280,32 +228,51 @@ def main(argv=None):
     device = torch.device(args.device)
     if args.curves:
         os.makedirs(args.out, exist_ok=True)
-        plot_training(paths, os.path.join(args.out, "training_curves.png"))
+        plot_training({model_name(path): path for path in paths}, os.path.join(args.out, "training_curves.png"))
         print(f"wrote {args.out}/training_curves.png")
         return
-    corpus = Corpus(args.data_dir)
     for path in paths:  # fail before any work on a missing checkpoint
         if not is_hf_checkpoint(path):
             checkpoint_path(path)
-    if not args.sweep:
-        for path in paths:
-            model, _ = load_model(path, device)
+    if args.sweep and bool(args.calib) != bool(args.data):
+        raise UserError("a sweep over your own text needs both --calib NAME=PATH and --data NAME=PATH")
+    fractions = [float(f) for f in args.keep.split(",")]
+    if args.sweep and 1.0 not in fractions:
+        raise UserError("--keep must include 1.0: the changes are relative to the full model")
+    loaded = {model_name(path): load_model(path, device) for path in paths}
+    models = {name: model for name, (model, _) in loaded.items()}
+    first, first_ckpt = next(iter(loaded.values()))
+    if args.sweep and any((m.cfg.vocab_size, m.cfg.eos_id) != (first.cfg.vocab_size, first.cfg.eos_id)
+                          for m in models.values()):
+        raise UserError("the models of a sweep must share a vocabulary and EOS: they are evaluated on the same tokens")
+    corpus = None
+    if not args.data:
+        corpus = Corpus(args.data_dir)
+        for model in models.values():
             corpus.check_model(model.cfg.vocab_size, model.cfg.eos_id)
+    if args.sweep:
+        if corpus is not None:
+            domains = corpus_domains(corpus, args.calib_docs, args.max_tokens)
+        else:  # the models of a sweep share the first one's tokenizer
+            encoding = checkpoint_tokenizer(first_ckpt, args.tokenizer, paths[0])
+            domains = user_domains(args.calib, args.data, encoding, first.cfg, args.calib_docs, args.max_tokens)
+        rows, usage = sweep(models, domains, fractions, args.method, args.batch_size, device)
+        print(write_sweep(rows, usage, [d.name for d in domains], args.out))
+        print(f"wrote {args.out}/table.md, results.csv, results.json, retention_{{loss,accuracy,task_accuracy}}.png, "
+              "expert_usage.png")
+        return
+    for name, (model, ckpt) in loaded.items():
+        if corpus is not None:
             results = evaluate_domains(model, corpus, "val", model.cfg.seq_len, args.batch_size, args.max_tokens,
                                        device)
-            print(f"{model_name(path)}: {model.cfg.n_experts} experts, top {model.cfg.top_k}")
-            print(f"{'domain':<12}{'loss':>8}{'ppl':>10}{'accuracy':>10}{'tokens':>9}")
-            for domain, r in results.items():
-                print(f"{domain:<12}{r['loss']:>8.3f}{r['perplexity']:>10.2f}{r['accuracy']:>10.1%}{r['tokens']:>9}")
-        return
-    fractions = [float(f) for f in args.keep.split(",")]
-    if 1.0 not in fractions:
-        raise UserError("--keep must include 1.0: the changes are relative to the full model")
-    rows, usage = sweep(paths, corpus, fractions, args.method, args.calib_docs, args.max_tokens, args.batch_size,
-                        device)
-    print(write_sweep(rows, usage, corpus.domains, args.out))
-    print(f"wrote {args.out}/table.md, results.csv, results.json, retention_loss.png, retention_accuracy.png, "
-          "expert_usage.png")
+        else:
+            results = {}
+            encoding = checkpoint_tokenizer(ckpt, args.tokenizer, name)
+            for domain, path in named_paths(args.data, "--data").items():
+                tokens, scored, _ = text_tokens(path, encoding, model.cfg)
+                x, y = domain_windows(tokens, model.cfg.seq_len, args.max_tokens, scored)
+                results[domain] = summarize(evaluate_windows(model, x, y, args.batch_size, device))
+        print_results(name, model, results)
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from data.tokenizer import tokenizer_json
 from errors import UserError
 from model import EMO, ModelConfig
 
@@ -149,14 +150,15 @@ class TensorFiles:
 
 
 @torch.no_grad()
-def load_hf(path, device="cpu", dtype=None):
+def load_hf(path, device="cpu", dtype=None, name=None):
     """An EMO model (eval mode) from a release-format folder or hub id, in the checkpoint's dtype unless
-    dtype is given. Parameters are allocated once and filled tensor by tensor from memory-mapped files, so
-    loading never holds two copies of the model."""
+    dtype is given; name (default: the path's last part) tells the release's StdMoE baseline from EMO.
+    Parameters are allocated once and filled tensor by tensor from memory-mapped files, so loading never
+    holds two copies of the model."""
     folder = resolve_folder(path)
     with open(os.path.join(folder, "config.json")) as f:
         hf = json.load(f)
-    cfg = config_from_hf(hf, os.path.basename(os.path.normpath(path)))
+    cfg = config_from_hf(hf, os.path.basename(os.path.normpath(name or path)))
     dtype = dtype or DTYPES.get(hf.get("torch_dtype"), torch.float32)
     with torch.device("meta"):
         model = EMO(cfg)
@@ -191,9 +193,11 @@ def hf_tensors(model, dtype, layers):
 
 
 @torch.no_grad()
-def export_hf(model, folder, dtype=None, layers_per_shard=4):
+def export_hf(model, folder, dtype=None, layers_per_shard=4, tokenizer=None, pruning=None):
     """Write model as config.json + safetensors in the release's format; sharded with an index beyond
-    layers_per_shard layers, so that no more than a few layers are copied in memory at a time."""
+    layers_per_shard layers, so that no more than a few layers are copied in memory at a time. With a
+    tiktoken encoding, also tokenizer.json; with prune.py's record, pruning.json: the original ids of the
+    experts kept in every layer (shared ones last), how and for what they were chosen."""
     dtype = dtype or next(model.parameters()).dtype
     os.makedirs(folder, exist_ok=True)
     n_layer = model.cfg.n_layer
@@ -209,3 +213,14 @@ def export_hf(model, folder, dtype=None, layers_per_shard=4):
             json.dump({"metadata": {}, "weight_map": weight_map}, f, indent=1)
     with open(os.path.join(folder, "config.json"), "w") as f:
         json.dump(hf_config(model.cfg, dtype), f, indent=1)
+    if tokenizer is not None:
+        with open(os.path.join(folder, "tokenizer.json"), "w", encoding="utf-8") as f:
+            json.dump(tokenizer_json(tokenizer), f, ensure_ascii=False)
+    if pruning is not None:
+        n_original, n_shared = pruning["original_n_experts"], model.cfg.n_shared
+        shared = list(range(n_original - n_shared, n_original))
+        with open(os.path.join(folder, "pruning.json"), "w") as f:
+            json.dump({"experts_kept_per_layer": [layer["kept"] + shared for layer in pruning["layers"]],
+                       "original_num_experts": n_original, "num_shared_experts": n_shared,
+                       **{k: pruning[k] for k in ("domain", "method", "calibration", "source") if k in pruning}},
+                      f, indent=1)

@@ -1,24 +1,33 @@
 """
-Selective expert use (docs/method.md, "Selective expert use"): run a model on a few calibration
-documents of one domain, score every routed expert of every layer, keep the best and slice the rest away,
-so that the model written is physically smaller. The shared expert is always kept and counts in --keep;
-top_k becomes min(top_k, kept).
+Selective expert use (docs/method.md, "Selective expert use"): run a model on a few calibration examples of
+one domain, score every routed expert of every layer, keep the best and slice the rest away, so that the
+model written is physically smaller. The shared expert is always kept and counts in --keep; top_k becomes
+min(top_k, kept).
 
-    python prune.py --ckpt out/emo_tiny --domain python --keep 0.125       # 2 of 16 experts per layer
-    python prune.py --ckpt out/emo_tiny --domain math --keep 4 --method global --calib_docs 1
+    python prune.py --ckpt out/emo_tiny --domain python --keep 0.125           # 8 of 64 experts per layer
+    python prune.py --ckpt out/emo_tiny --domain math --keep 16 --method global --calib_docs 1
+    python prune.py --ckpt out/emo_tiny --calib my_notes/ --domain notes --keep 0.25     # your own text
 
---keep is a fraction of the original model's experts (with a decimal point: 0.25, 1.0) or a count (4).
-Methods (scores per routed expert, averaged over the calibration tokens):
+Calibration examples: for a domain of the built-in corpus (--domain, --data_dir), task demonstrations made
+from its calibration documents (tasks.py: a passage and its true continuation, the continuation's tokens
+scored); for your own text (--calib PATH: a text file, a folder or glob of them, or JSON Lines with "text" or
+"prompt"/"answer"; data/user.py), every token of a document or the answer's tokens of a demonstration,
+tokenized with the checkpoint's tokenizer (or --tokenizer). --calib_docs caps how many examples are used.
+--keep is a fraction of the original model's experts (with a decimal point: 0.25, 1.0) or a count (16).
+Methods (scores per routed expert, averaged over the scored calibration tokens):
     greedy     the release's default: layers in order, layer l scored by its mean router probability with
                layers < l already pruned
-    global     mean router probability, all layers from one pass of the full model
+    global     mean router probability, all layers from one pass of the full model; the layers share the
+               budget (keep x n_layer experts in all), so their counts may differ, as the release's global method
     frequency  how often the expert is among a token's top-k
-    easy_ep    EASY-EP: routing weight x expert output norm x (1 - cos(h, h + moe_out)) of the token
+    easy_ep    EASY-EP: routing weight x expert output norm x (1 - cos(h, h + moe_out)), h the MoE input
     random     a random choice (a control)
 Writes OUT.pt (a checkpoint like any other: eval.py evaluates it, train.py fine-tunes it with
---init_from=OUT.pt) and OUT.json, the experts kept per layer (original ids) and their scores; with
---hf_out, also the Hugging Face format. --ckpt takes the release's checkpoints too:
-    python prune.py --init_from allenai/Emo_1b14b_1T --data_dir data/multidomain_dolma2 --domain c --keep 0.125
+--init_from=OUT.pt, sample.py samples from it; it keeps the tokenizer) and OUT.json, the experts kept per
+layer (original ids) and their scores; with --hf_out, also the Hugging Face format (config.json with
+num_experts_per_layer, pruning.json with the original ids, tokenizer.json). --ckpt takes the release's
+checkpoints too:
+    python prune.py --init_from path/to/Emo_1b14b_1T --calib my.txt --domain mine --keep 0.125 --hf_out out/mine
 """
 
 import argparse
@@ -30,11 +39,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from checkpoint import load_model, model_name, save_checkpoint
+from checkpoint import checkpoint_tokenizer, load_model, model_name, save_checkpoint
 from data.corpus import Corpus
+from data.tokenizer import encoding_from_record
+from data.user import example_batches, read_examples, tokenize_examples
 from errors import UserError, run_command
 from hf import export_hf
 from kernels import swiglu
+from tasks import ANSWER, PASSAGE, demonstrations
 
 METHODS = ("greedy", "global", "frequency", "easy_ep", "random")
 
@@ -58,17 +70,30 @@ def parse_keep(text, n_original, n_shared):
     return keep
 
 
-def calibration_batches(corpus, domain, n_docs, seq_len):
-    """The first n_docs calibration documents of a domain, each its own (1, T <= seq_len) batch."""
-    docs = corpus.documents("calib", domain)
-    if n_docs > len(docs):
-        raise UserError(f"--calib_docs {n_docs}: the corpus has {len(docs)} calibration documents of {domain!r}")
-    return [torch.from_numpy(doc[:seq_len].astype("int64"))[None] for doc in docs[:n_docs]]
+def corpus_calibration(corpus, domain, n):
+    """n task demonstrations of a built-in domain (tasks.py), from its calibration documents:
+    [(idx (1, T), scored (1, T))]."""
+    demos = demonstrations(corpus.documents("calib", domain), n)
+    if not demos:
+        raise UserError(f"domain {domain!r} has no calibration document long enough for a demonstration "
+                        f"({PASSAGE + ANSWER + 1} tokens)")
+    return demos
+
+
+def user_calibration(path, encoding, cfg, n):
+    """The first n calibration batches of the user's text (data/user.py), tokenized with encoding."""
+    tokenized = tokenize_examples(read_examples(path), encoding, cfg.eos_id)
+    too_large = max(int(tokens.max()) for tokens, _ in tokenized)
+    if too_large >= cfg.vocab_size:
+        raise UserError(f"the tokenizer gives token {too_large}, outside the model's vocabulary of {cfg.vocab_size}: "
+                        "it is not this checkpoint's tokenizer")
+    return example_batches(tokenized, cfg.seq_len)[:n]
 
 
 @torch.no_grad()
 def expert_scores(model, batches, method):
-    """Score every routed expert of every layer on the calibration batches: a list of (Er,) tensors."""
+    """Score every routed expert of every layer on the calibration batches [(idx (1, T), scored (1, T))], the
+    mean over the scored tokens: a list of (Er,) tensors."""
     captured = {}  # per layer: the MoE's (input, output, routing)
     hooks = [block.moe.register_forward_hook(lambda module, args, out, i=i: captured.__setitem__(i, (args[0], *out)))
              for i, block in enumerate(model.layers)]
@@ -76,33 +101,35 @@ def expert_scores(model, batches, method):
     totals = [torch.zeros(block.moe.router.n_routed, device=device) for block in model.layers]
     n_tokens = 0
     try:
-        for idx in batches:
+        for idx, scored in batches:
             model(idx.to(device), token_routing=True)
-            n_tokens += idx.numel()
+            scored = scored.flatten().to(device)
+            n_tokens += int(scored.sum())
             for i, block in enumerate(model.layers):
-                totals[i] += layer_score(block.moe, *captured[i], method)
+                totals[i] += layer_score(block.moe, *captured[i], scored, method)
     finally:
         for hook in hooks:
             hook.remove()
-    return [t.cpu() / n_tokens for t in totals]
+    return [t.cpu() / max(n_tokens, 1) for t in totals]
 
 
-def layer_score(moe, moe_input, moe_output, routing, method):
-    """Summed score over one batch's tokens for each routed expert of one layer: (Er,). moe_input is the MoE's
-    input (after its RMSNorm), moe_output what it adds to the residual stream."""
+def layer_score(moe, moe_input, moe_output, routing, scored, method):
+    """Summed score over one batch's scored tokens for each routed expert of one layer: (Er,). moe_input is
+    the MoE's input (after its RMSNorm), moe_output what it adds to the residual stream, scored (N,) bool."""
     router = moe.router
-    h = moe_input.flatten(0, 1)  # (N, C)
+    h = moe_input.flatten(0, 1)[scored]  # (n, C) the scored tokens
     if method in ("greedy", "global"):
         return router.logits(h).softmax(-1).sum(0)
     kr = router.k_routed
-    chosen, weights = routing.experts[:, :kr], routing.weights[:, :kr]  # (N, kr)
+    chosen, weights = routing.experts[scored, :kr], routing.weights[scored, :kr]  # (n, kr)
     if method == "frequency":
         return torch.zeros(router.n_routed, device=h.device).index_add_(0, chosen.flatten(),
                                                                          (weights > 0).flatten().float())
     # EASY-EP: how much the MoE changes the token's direction (h: the MoE input after its norm, as in the
     # release), times each expert's weighted output norm
     # 1 - cos(a, b) as |a/|a| - b/|b||^2 / 2: the same value, but no cancellation when the MoE adds little
-    direction_change = F.normalize(h.float(), dim=-1) - F.normalize((h + moe_output.flatten(0, 1)).float(), dim=-1)
+    moe_output = moe_output.flatten(0, 1)[scored]  # (n, C)
+    direction_change = F.normalize(h.float(), dim=-1) - F.normalize((h + moe_output).float(), dim=-1)
     importance = direction_change.square().sum(-1) / 2  # (N,)
     scores = torch.zeros(router.n_routed, device=h.device)
     for e in range(router.n_routed):
@@ -171,10 +198,13 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ckpt", "--init_from", dest="ckpt", required=True,
                         help="checkpoint: file, run directory, Hugging Face folder or hub id")
-    parser.add_argument("--domain", required=True)
-    parser.add_argument("--keep", required=True, help="fraction of the original experts (0.125) or a count (2)")
+    parser.add_argument("--domain", default="", help="a domain of the built-in corpus, or the name of --calib's")
+    parser.add_argument("--calib", default="", help="your own calibration text: file, folder, glob or .jsonl")
+    parser.add_argument("--tokenizer", default="", help="for --calib when the checkpoint records none: gpt2, "
+                        "cl100k_base, dolma2, a rank file or a tokenizer.json")
+    parser.add_argument("--keep", required=True, help="fraction of the original experts (0.125) or a count (8)")
     parser.add_argument("--method", default="greedy", choices=METHODS)
-    parser.add_argument("--calib_docs", type=int, default=16)
+    parser.add_argument("--calib_docs", type=int, default=16, help="calibration examples used")
     parser.add_argument("--data_dir", default="data/multidomain")
     parser.add_argument("--seed", type=int, default=0, help="for --method random")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -183,35 +213,45 @@ def main(argv=None):
     parser.add_argument("--hf_out", default="", help="also export the pruned model in Hugging Face format here")
     args = parser.parse_args(argv)
     # every check before any work or writing
+    if not args.domain and not args.calib:
+        raise UserError("give --domain (a domain of the built-in corpus) or --calib PATH (your own text)")
+    if args.calib_docs < 1:
+        raise UserError(f"--calib_docs {args.calib_docs}: at least one calibration example is needed")
     model, ckpt = load_model(args.ckpt, args.device)
-    corpus = Corpus(args.data_dir)
-    corpus.check_model(model.cfg.vocab_size, model.cfg.eos_id)
+    domain = args.domain or os.path.splitext(os.path.basename(os.path.normpath(args.calib)))[0]
     previous = ckpt.get("pruning")
     n_original = previous["original_n_experts"] if previous else model.cfg.n_experts
     keep = parse_keep(args.keep, n_original, model.cfg.n_shared)
-    if previous and previous["domain"] != args.domain:
+    if previous and previous["domain"] != domain:
         raise UserError(f"{args.ckpt} is already pruned for {previous['domain']!r}: prune the original model "
-                         f"({previous['source']}) for {args.domain!r} instead")
-    if keep > model.cfg.n_experts:
-        raise UserError(f"{args.ckpt} keeps {model.cfg.n_experts} experts, it cannot keep {keep}")
-    batches = calibration_batches(corpus, args.domain, args.calib_docs, model.cfg.seq_len)
+                        f"({previous['source']}) for {domain!r} instead")
+    if keep > min(model.cfg.layer_experts()):
+        raise UserError(f"{args.ckpt} keeps {min(model.cfg.layer_experts())} experts in a layer, it cannot keep {keep}")
+    if args.calib:
+        batches = user_calibration(args.calib, checkpoint_tokenizer(ckpt, args.tokenizer, args.ckpt), model.cfg,
+                                   args.calib_docs)
+    else:
+        corpus = Corpus(args.data_dir)
+        corpus.check_model(model.cfg.vocab_size, model.cfg.eos_id)
+        batches = corpus_calibration(corpus, args.domain, args.calib_docs)
     layers = prune(model, batches, keep, args.method, args.seed)
     if previous:  # ids in the record always refer to the original model's experts
         for layer, before in zip(layers, previous["layers"]):
             layer["kept"] = [before["kept"][i] for i in layer["kept"]]
-    record = {"domain": args.domain, "keep": keep, "original_n_experts": n_original, "method": args.method,
-              "calib_docs": args.calib_docs, "source": previous["source"] if previous else args.ckpt,
-              "layers": layers}
-    out = args.out or os.path.join("out", "pruned", model_name(args.ckpt), f"{args.domain}-keep{keep}-{args.method}")
+    record = {"domain": domain, "keep": keep, "original_n_experts": n_original, "method": args.method,
+              "calibration": args.calib or f"{args.data_dir} calibration documents", "calib_examples": len(batches),
+              "source": previous["source"] if previous else args.ckpt, "layers": layers}
+    out = args.out or os.path.join("out", "pruned", model_name(args.ckpt), f"{domain}-keep{keep}-{args.method}")
     save_checkpoint(out + ".pt", {"model_config": dataclasses.asdict(model.cfg), "model": model.state_dict(),
-                                  "step": ckpt.get("step"), "pruning": record})
+                                  "step": ckpt.get("step"), "pruning": record, "tokenizer": ckpt.get("tokenizer")})
     with open(out + ".json", "w") as f:
         json.dump(record, f, indent=1)
     if args.hf_out:
-        export_hf(model, args.hf_out)
+        tokenizer = encoding_from_record(ckpt["tokenizer"]) if ckpt.get("tokenizer") else None
+        export_hf(model, args.hf_out, tokenizer=tokenizer, pruning=record)
     total, active = model.num_params()
-    print(f"kept {keep} of {n_original} experts per layer for {args.domain!r} ({args.method}, {args.calib_docs} "
-          f"calibration documents): {total / 1e6:.2f}M parameters, {active / 1e6:.2f}M active -> {out}.pt, .json")
+    print(f"kept {keep} of {n_original} experts per layer for {domain!r} ({args.method}, {len(batches)} "
+          f"calibration examples): {total / 1e6:.2f}M parameters, {active / 1e6:.2f}M active -> {out}.pt, .json")
 
 
 if __name__ == "__main__":

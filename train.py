@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from checkpoint import CHECKPOINT_NAME, atomic_write, check_shapes, load_checkpoint, save_checkpoint
 from configurator import parse_args
 from data.corpus import Corpus, TrainWindows, expand_train_files
+from data.tokenizer import record_for
 from errors import UserError, run_command
 from eval import evaluate_domains
 from kernels import kernel_choice
@@ -48,6 +49,7 @@ class TrainConfig:
     data_dir: str = "data/multidomain"  # corpus of data/prepare.py: meta.json, train.bin, val.bin
     train_files: str = ""  # instead of data_dir/train.bin: comma-separated paths/globs of token shards
     train_dtype: str = "uint32"  # dtype of raw train_files shards (OLMo's dolma2 tokens are uint32)
+    tokenizer: str = ""  # recorded in checkpoints when training from train_files (gpt2, dolma2, a rank file...)
     init_from: str = "scratch"  # 'scratch', 'resume' (out_dir/ckpt.pt) or a checkpoint to start from
     batch_size: int = 16  # sequences per micro-batch per rank
     grad_accum: int = 1  # micro-batches per optimizer step
@@ -227,7 +229,10 @@ def validate(cfg, model_cfg, given):
     for f in files:
         if not os.path.exists(f):
             raise UserError(f"training file not found: {f} (run `python -m data.prepare`?)")
-    return model_cfg, ckpt, corpus, files, dtype
+    # the tokenizer checkpoints record: given, else the corpus's, else the starting checkpoint's
+    tokenizer = (record_for(cfg.tokenizer) if cfg.tokenizer else corpus.tokenizer_record() if corpus is not None
+                 else ckpt.get("tokenizer") if ckpt is not None else None)
+    return model_cfg, ckpt, corpus, files, dtype, tokenizer
 
 
 def log_header(log, cfg, model_cfg, raw, device, autocast_dtype, world, files):
@@ -246,8 +251,8 @@ def log_header(log, cfg, model_cfg, raw, device, autocast_dtype, world, files):
 class Run:
     """One training run's state, with the three things the loop does: a step, an evaluation, a checkpoint."""
 
-    def __init__(self, cfg, model_cfg, corpus, files, dtype):
-        self.cfg, self.model_cfg, self.corpus = cfg, model_cfg, corpus
+    def __init__(self, cfg, model_cfg, corpus, files, dtype, tokenizer):
+        self.cfg, self.model_cfg, self.corpus, self.tokenizer = cfg, model_cfg, corpus, tokenizer
         self.rank, self.world, self.device = setup_distributed(cfg)
         use_bf16 = cfg.dtype == "bfloat16" or (cfg.dtype == "auto" and self.device.type == "cuda")
         self.autocast_dtype = torch.bfloat16 if use_bf16 else torch.float32
@@ -339,7 +344,8 @@ class Run:
             save_checkpoint(os.path.join(self.cfg.out_dir, CHECKPOINT_NAME), {
                 "model_config": dataclasses.asdict(self.model_cfg), "model": model_state,
                 "optimizer": optim_state, "train_config": dataclasses.asdict(self.cfg), "step": self.step,
-                "world": self.world, "data": self.windows.state_dict(), "rng": rngs, "history": self.history})
+                "world": self.world, "data": self.windows.state_dict(), "rng": rngs, "history": self.history,
+                "tokenizer": self.tokenizer})
             atomic_write(os.path.join(self.cfg.out_dir, "history.json"), lambda f: json.dump(self.history, f), "w")
 
     def any_rank(self, flag):
@@ -387,8 +393,8 @@ def loop(run):
 def train(argv):
     """Run training from command-line style arguments. Returns (bare model, history of step records)."""
     (cfg, model_cfg), given = parse_args(argv, TrainConfig, ModelConfig)
-    model_cfg, ckpt, corpus, files, dtype = validate(cfg, model_cfg, given)
-    run = Run(cfg, model_cfg, corpus, files, dtype)
+    model_cfg, ckpt, corpus, files, dtype, tokenizer = validate(cfg, model_cfg, given)
+    run = Run(cfg, model_cfg, corpus, files, dtype, tokenizer)
     if ckpt is not None and cfg.init_from == "resume":
         run.resume(ckpt)
     elif ckpt is not None:

@@ -6,6 +6,7 @@ out_dir = "out/emo_full"
 data_dir = ""  # no local corpus: the release trains on OLMoE-mix-0824 tokenized with dolma2
 train_files = "data/olmoe-mix-0824/*.npy"  # OLMo-style uint32 token shards, EOS between documents
 train_dtype = "uint32"
+tokenizer = "dolma2"  # recorded in the checkpoints (no corpus gives it)
 vocab_size = 100352  # dolma2 (cl100k_base extension), padded
 eos_id = 100257
 seq_len = 4096

@@ -152,7 +152,7 @@ def test_export_then_load_a_pruned_model(tmp_path, method):
     """Layer-wise methods keep the same count everywhere; the global one may keep different counts per
     layer (num_experts_per_layer), which load back into the same model."""
     model = tiny_model()
-    batches = [torch.randint(0, V, (1, 12)) for _ in range(3)]
+    batches = [(torch.randint(0, V, (1, 12)), torch.ones(1, 12, dtype=torch.bool)) for _ in range(3)]
     prune.prune(model, batches, 3, method)  # 2 routed + the shared expert per layer (on average for global)
     export_hf(model, str(tmp_path / "pruned"))
     config = json.loads((tmp_path / "pruned" / "config.json").read_text())

@@ -21,9 +21,15 @@ from errors import UserError
 from model import EMO, ModelConfig
 
 
+def as_batches(documents, length=32):
+    """Calibration batches of plain documents: (idx (1, T), every token scored)."""
+    return [(torch.as_tensor(np.asarray(doc[:length], dtype=np.int64))[None], torch.ones(1, len(doc[:length]),
+                                                                                          dtype=torch.bool))
+            for doc in documents]
+
+
 def tokens_of(corpus_dir, domain, n=3):
-    corpus = Corpus(corpus_dir)
-    return prune.calibration_batches(corpus, domain, n, 32)
+    return as_batches(Corpus(corpus_dir).documents("calib", domain)[:n])
 
 
 def masked_full_logits(full, kept_per_layer, idx):
@@ -43,7 +49,7 @@ def masked_full_logits(full, kept_per_layer, idx):
 def test_pruned_logits_equal_masked_full_model(tiny_corpus, tiny_checkpoints, router, method):
     full, _ = load_model(tiny_checkpoints[router])
     batches = tokens_of(tiny_corpus[0], "code")
-    idx = torch.cat(tokens_of(tiny_corpus[0], "math", n=2))[:, :20]
+    idx = torch.cat([b[0][:, :20] for b in tokens_of(tiny_corpus[0], "math", n=2)])
     for keep in (8, 4, 2):  # 8 = every expert: the model itself
         pruned = copy.deepcopy(full)
         layers = prune.prune(pruned, batches, keep, method)
@@ -76,13 +82,11 @@ def test_pruned_checkpoints_shrink_with_the_experts_removed(tiny_corpus, tiny_ch
         assert bytes_ratio == pytest.approx(params_ratio, rel=0.02) and params_ratio < 1
 
 
-class TwoDomainCorpus:
-    """Calibration documents of domain A use tokens 0..49 only, of domain B tokens 50..99."""
-
-    def documents(self, split, domain):
-        low = 0 if domain == "A" else 50
-        g = np.random.default_rng(0 if domain == "A" else 1)
-        return [g.integers(low, low + 50, size=30) for _ in range(4)]
+def two_domain_batches(domain):
+    """Calibration batches of domain A use tokens 0..49 only, of domain B tokens 50..99."""
+    low = 0 if domain == "A" else 50
+    g = np.random.default_rng(0 if domain == "A" else 1)
+    return as_batches([g.integers(low, low + 50, size=30) for _ in range(4)])
 
 
 def routed_by_design():
@@ -110,14 +114,14 @@ def routed_by_design():
 def test_selection_keeps_the_experts_a_domain_uses(method):
     for domain, expected in (("A", [0, 1]), ("B", [2, 3])):
         model = routed_by_design()
-        batches = prune.calibration_batches(TwoDomainCorpus(), domain, 4, 32)
+        batches = two_domain_batches(domain)
         layers = prune.prune(model, batches, 3, method)  # 2 routed + the shared one
         assert [layer["kept"] for layer in layers] == [expected, expected]
 
 
 def test_random_selection_is_a_seeded_control():
     model_a, model_b = routed_by_design(), routed_by_design()
-    batches = prune.calibration_batches(TwoDomainCorpus(), "A", 4, 32)
+    batches = two_domain_batches("A")
     first = prune.prune(model_a, batches, 3, "random", seed=5)
     second = prune.prune(model_b, batches, 3, "random", seed=5)
     assert first == second and all(len(layer["kept"]) == 2 for layer in first)
@@ -150,12 +154,13 @@ def test_sweep_writes_table_and_plots(tiny_corpus, tiny_checkpoints, tmp_path):
     assert len(rows) == 2 * 4 * 3  # models x domains x fractions
     for r in rows:
         if r["fraction"] == 1.0:
-            assert r["d_loss"] == 0 and r["keep"] == 8
+            assert r["d_loss"] == 0 and r["d_task_accuracy"] == 0 and r["keep"] == 8
+        assert r["task_items"] >= 1 and 0 <= r["task_accuracy"] <= 1
     assert {r["keep"] for r in rows} == {8, 4, 2}
     table = open(out / "table.md").read()
-    assert "Average over domains" in table and "25.0%" in table
+    assert "Average over domains" in table and "25.0%" in table and "task acc. (change)" in table
     assert open(out / "results.csv").readline().startswith("model,domain,keep,fraction,loss")
-    for png in ("retention_loss.png", "retention_accuracy.png", "expert_usage.png"):
+    for png in ("retention_loss.png", "retention_accuracy.png", "retention_task_accuracy.png", "expert_usage.png"):
         assert open(out / png, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
 
 
@@ -167,7 +172,7 @@ def test_sweep_writes_table_and_plots(tiny_corpus, tiny_checkpoints, tmp_path):
     (["--keep", "0.01"], "at least 1 is needed"),
     (["--keep", "9"], "only 8 experts"),
     (["--keep", "0.5", "--domain", "klingon"], "unknown domain 'klingon'"),
-    (["--keep", "0.5", "--calib_docs", "99"], "has 3 calibration documents"),
+    (["--keep", "0.5", "--calib_docs", "0"], "at least one calibration example"),
 ])
 def test_bad_prune_inputs_write_nothing(tiny_corpus, tiny_checkpoints, tmp_path, args, message):
     argv = ["--ckpt", tiny_checkpoints["emo"], "--data_dir", tiny_corpus[0], "--domain", "code",
@@ -192,7 +197,7 @@ def test_pruning_again_must_be_consistent(tiny_corpus, tiny_checkpoints, tmp_pat
     with pytest.raises(UserError, match="already pruned for 'code'"):
         prune.main(["--ckpt", str(tmp_path / "half.pt"), "--domain", "math", "--keep", "0.25",
                     "--out", str(tmp_path / "bad"), *base])
-    with pytest.raises(UserError, match="keeps 4 experts, it cannot keep 6"):
+    with pytest.raises(UserError, match="keeps 4 experts in a layer, it cannot keep 6"):
         prune.main(["--ckpt", str(tmp_path / "half.pt"), "--domain", "code", "--keep", "0.75",
                     "--out", str(tmp_path / "bad"), *base])
     assert not os.path.exists(tmp_path / "bad.pt")

@@ -1,0 +1,122 @@
+"""
+Text of the user's own domain, to prune for it (prune.py --calib PATH) and to evaluate on it (eval.py --data
+PATH). PATH is one of
+    a text file                  one document
+    a folder, or a glob          every file in it (folders recursively, hidden files skipped), one document each
+    a .jsonl file                one example per line: {"text": ...} is a document; {"prompt": ..., "answer": ...}
+                                 is a task demonstration, whose answer tokens are the ones scored
+Files are UTF-8. Examples are tokenized with the checkpoint's tokenizer, each closed by its EOS, and become
+(tokens (T,) int64, scored (T,) bool): scored marks the tokens that count, all of a document's, only the
+answer's (and its EOS) for a demonstration (the prompt is context).
+
+    examples = read_examples("my_notes/")                                 # [Example]
+    tokens = tokenize_examples(examples, encoding, eos_id)                # [(tokens, scored)]
+    batches = example_batches(tokens, seq_len)                            # [(idx (1, T), scored (1, T))]
+"""
+
+import glob
+import json
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from errors import UserError
+
+
+@dataclass
+class Example:
+    text: str = ""  # a document
+    prompt: str = ""  # or a demonstration: prompt then answer
+    answer: str = ""
+    source: str = ""  # file (and line) it came from, for messages
+
+
+def matching_files(path):
+    """The files PATH names: itself, a folder's files (recursively) or a glob's matches, sorted."""
+    if os.path.isfile(path):
+        return [path]
+    if os.path.isdir(path):
+        files = [os.path.join(root, name) for root, dirs, names in os.walk(path) for name in names
+                 if not name.startswith(".") and not any(part.startswith(".") for part in root.split(os.sep)[1:])]
+    else:
+        files = [f for f in glob.glob(path, recursive=True) if os.path.isfile(f)]
+    if not files:
+        raise UserError(f"{path!r} matches no file")
+    return sorted(files)
+
+
+def read_text(file):
+    """A file's text; an error names a file that is not UTF-8 (with where) or is empty."""
+    raw = open(file, "rb").read()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise UserError(f"{file} is not UTF-8 text (byte 0x{raw[error.start]:02x} at offset {error.start}): "
+                        f"convert it first, e.g. iconv -f latin1 -t utf-8") from None
+    if not text.strip():
+        raise UserError(f"{file} is empty")
+    return text
+
+
+def read_jsonl(file):
+    """Examples of a JSON Lines file: {"text"} documents or {"prompt", "answer"} demonstrations."""
+    examples = []
+    for n, line in enumerate(read_text(file).splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise UserError(f"{file} line {n} is not JSON ({error.msg})") from None
+        where = f"{file} line {n}"
+        if isinstance(record, dict) and isinstance(record.get("text"), str) and record["text"].strip():
+            examples.append(Example(text=record["text"], source=where))
+        elif isinstance(record, dict) and isinstance(record.get("prompt"), str) and isinstance(record.get("answer"), str) \
+                and record["answer"].strip():
+            examples.append(Example(prompt=record["prompt"], answer=record["answer"], source=where))
+        else:
+            raise UserError(f"{where} has no 'text' (nor 'prompt' and 'answer'), or it is empty")
+    return examples
+
+
+def read_examples(path):
+    """Every example PATH holds (see the file docstring)."""
+    examples = []
+    for file in matching_files(path):
+        if file.endswith(".jsonl"):
+            examples += read_jsonl(file)
+        else:
+            examples.append(Example(text=read_text(file), source=file))
+    if not examples:
+        raise UserError(f"{path!r} holds no example")
+    return examples
+
+
+def tokenize_examples(examples, encoding, eos_id):
+    """[(tokens (T,) int64, scored (T,) bool)], each closed by EOS (which is scored with what it closes)."""
+    tokenized = []
+    for example in examples:
+        if example.text:
+            tokens = encoding.encode_ordinary(example.text) + [eos_id]
+            scored = [True] * len(tokens)
+        else:
+            prompt, answer = encoding.encode_ordinary(example.prompt), encoding.encode_ordinary(example.answer)
+            tokens = prompt + answer + [eos_id]
+            scored = [False] * len(prompt) + [True] * (len(answer) + 1)
+        tokenized.append((np.array(tokens, dtype=np.int64), np.array(scored, dtype=bool)))
+    return tokenized
+
+
+def example_batches(tokenized, seq_len):
+    """Calibration batches, one example per batch: (idx (1, T), scored (1, T)) with T <= seq_len. A long
+    document is cut into pieces of seq_len; a long demonstration keeps its last seq_len tokens (its answer)."""
+    batches = []
+    for tokens, scored in tokenized:
+        if scored.all():
+            pieces = [(tokens[s:s + seq_len], scored[s:s + seq_len]) for s in range(0, len(tokens), seq_len)]
+        else:
+            pieces = [(tokens[-seq_len:], scored[-seq_len:])]
+        batches += [(torch.from_numpy(t.copy())[None], torch.from_numpy(m.copy())[None]) for t, m in pieces]
+    return batches

@@ -1,0 +1,215 @@
+"""
+The retention report of eval.py --sweep: the table (markdown, CSV, JSON) and the plots of quality against the
+fraction of experts kept, EMO against the standard MoE; the expert-usage heatmap; the training curves; and the
+spread of a sweep repeated with other seeds.
+
+    write_sweep(rows, usage, domains, "out/sweep_tiny")     # table.md, results.csv/json, retention_*.png, ...
+    python report.py --seeds out/sweep_tiny,out/sweep_tiny_seed2 --out out/seeds.md     # mean and spread
+
+A row is one (model, domain, fraction kept): loss, next-token accuracy, task accuracy (tasks.py) and their
+changes from the full model.
+"""
+
+import argparse
+import csv
+import json
+import math
+import os
+
+from errors import UserError, run_command
+
+METRICS = {"loss": "loss", "accuracy": "next-token accuracy", "task_accuracy": "task accuracy"}
+
+
+def averages(rows):
+    """Rows averaged over domains: {(model, fraction): {metric and its change: mean, "keep": experts kept}}.
+    Task accuracy averages over the domains that have task items."""
+    groups = {}
+    for r in rows:
+        groups.setdefault((r["model"], r["fraction"]), []).append(r)
+    keys = ("loss", "accuracy", "task_accuracy", "d_loss", "d_loss_rel", "d_accuracy", "d_task_accuracy")
+    out = {}
+    for k, group in groups.items():
+        out[k] = {"keep": group[0]["keep"]}
+        for key in keys:
+            values = [r[key] for r in group if not math.isnan(r[key])]
+            out[k][key] = sum(values) / len(values) if values else float("nan")
+    return out
+
+
+def percent(value, points=False):
+    """0.123 -> '12.3%'; with points a change in percentage points: '+1.2 pt'."""
+    if math.isnan(value):
+        return "-"
+    return f"{100 * value:+.1f} pt" if points else f"{value:.1%}"
+
+
+def markdown_table(rows):
+    """Average over domains per model and fraction kept (each metric with its change), then the loss and
+    task-accuracy changes per domain."""
+    avg = averages(rows)
+    models = list(dict.fromkeys(r["model"] for r in rows))
+    fractions = sorted({r["fraction"] for r in rows}, reverse=True)
+    domains = list(dict.fromkeys(r["domain"] for r in rows))
+    head = "| experts kept | " + " | ".join(f"{m} loss (change) | {m} next-token acc. (change) | {m} task acc. (change)"
+                                           for m in models) + " |"
+    lines = ["Average over domains:", "", head, "|---" * (1 + 3 * len(models)) + "|"]
+    for f in fractions:
+        cells = []
+        for m in models:
+            a = avg[(m, f)]
+            cells += [f"{a['loss']:.3f} ({a['d_loss']:+.3f}, {a['d_loss_rel']:+.1%})",
+                      f"{percent(a['accuracy'])} ({percent(a['d_accuracy'], True)})",
+                      f"{percent(a['task_accuracy'])} ({percent(a['d_task_accuracy'], True)})"]
+        lines.append(f"| {avg[(models[0], f)]['keep']} ({f:.1%}) | " + " | ".join(cells) + " |")
+    by_key = {(r["model"], r["fraction"], r["domain"]): r for r in rows}
+    for metric, title, scale in (("d_loss", "Loss change", 1), ("d_task_accuracy", "Task accuracy change (points)", 100)):
+        lines += ["", f"{title} per domain (pruned for that domain vs the full model):", "",
+                  "| model | experts kept | " + " | ".join(domains) + " |", "|---|---" + "|---" * len(domains) + "|"]
+        for m in models:
+            for f in fractions[1:]:
+                values = [by_key[(m, f, d)][metric] for d in domains]
+                cells = ["-" if math.isnan(v) else f"{scale * v:+.{3 if scale == 1 else 1}f}" for v in values]
+                lines.append(f"| {m} | {f:.1%} | " + " | ".join(cells) + " |")
+    items = {d: next(r["task_items"] for r in rows if r["domain"] == d) for d in domains}
+    lines += ["", "Task items per domain: " + ", ".join(f"{d} {n}" for d, n in items.items()) + "."]
+    return "\n".join(lines)
+
+
+def pyplot():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def plot_retention(rows, path, metric):
+    """Quality vs fraction of experts kept: one panel per domain and one for the average, a line per model."""
+    plt = pyplot()
+    domains = list(dict.fromkeys(r["domain"] for r in rows)) + ["average"]
+    models = list(dict.fromkeys(r["model"] for r in rows))
+    avg = averages(rows)
+    cols = 3
+    fig, axes = plt.subplots(math.ceil(len(domains) / cols), cols, figsize=(12, 3.2 * math.ceil(len(domains) / cols)),
+                             squeeze=False)
+    for ax, domain in zip(axes.flat, domains):
+        for m in models:
+            if domain == "average":
+                points = sorted((f, a[metric]) for (mm, f), a in avg.items() if mm == m)
+            else:
+                points = sorted((r["fraction"], r[metric]) for r in rows if r["model"] == m and r["domain"] == domain)
+            ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=m)
+        ax.set_xscale("log", base=2)
+        ax.set_title(domain, fontweight="bold" if domain == "average" else "normal")
+        ax.set_xlabel("fraction of experts kept")
+        ax.set_ylabel(METRICS[metric])
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(domains):]:
+        ax.axis("off")
+    axes.flat[0].legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_usage(usage, domains, path):
+    """Heatmaps of expert usage: a row of layers per model, each a (domain x expert) map of mean router
+    probability. Domain-specific experts show as bright cells alone in their column."""
+    plt = pyplot()
+    models = list(usage)
+    n_layer = usage[models[0]].shape[1]
+    fig, axes = plt.subplots(len(models), n_layer, figsize=(3.2 * n_layer, 2.6 * len(models)), squeeze=False)
+    for row, m in enumerate(models):
+        for layer in range(n_layer):
+            ax = axes[row, layer]
+            n_routed = usage[m].shape[2]
+            ax.imshow(usage[m][:, layer].numpy(), aspect="auto", cmap="viridis")
+            ax.set_title(f"{m}, layer {layer}", fontsize=9)
+            ax.set_yticks(range(len(domains)))
+            ax.set_yticklabels(domains if layer == 0 else [], fontsize=8)
+            ax.set_xticks(range(0, n_routed, max(1, n_routed // 8)))
+            ax.set_xlabel("routed expert", fontsize=8)
+    fig.suptitle("mean router probability per domain (brighter = more used; each panel its own scale)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_training(runs, path):
+    """Training curves of runs from their history.json: LM loss per step and mean validation loss."""
+    plt = pyplot()
+    fig, (train_ax, val_ax) = plt.subplots(1, 2, figsize=(11, 3.8))
+    for label, run in runs.items():
+        with open(os.path.join(run, "history.json")) as f:
+            history = json.load(f)
+        steps = [r["step"] for r in history]
+        train_ax.plot(steps, [r["lm_loss"] for r in history], label=label, alpha=0.8)
+        val = [(r["step"], sum(r["val"].values()) / len(r["val"])) for r in history if "val" in r]
+        val_ax.plot([v[0] for v in val], [v[1] for v in val], marker="o", label=label)
+    for ax, title in ((train_ax, "training LM loss"), (val_ax, "validation loss (mean over domains)")):
+        ax.set_xlabel("step")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_sweep(rows, usage, domains, out_dir):
+    """Every output of a sweep into out_dir; returns the markdown table."""
+    os.makedirs(out_dir, exist_ok=True)
+    table = markdown_table(rows)
+    with open(os.path.join(out_dir, "table.md"), "w") as f:
+        f.write(table + "\n")
+    with open(os.path.join(out_dir, "results.json"), "w") as f:
+        json.dump(rows, f, indent=1)
+    with open(os.path.join(out_dir, "results.csv"), "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    for metric in METRICS:
+        plot_retention(rows, os.path.join(out_dir, f"retention_{metric}.png"), metric)
+    plot_usage(usage, domains, os.path.join(out_dir, "expert_usage.png"))
+    return table
+
+
+def spread_table(sweeps):
+    """Mean and spread (half the range) over sweeps repeated with other seeds, of each model's changes at each
+    fraction kept below 100%: {(model, fraction): {metric: (mean, half range)}} and its markdown."""
+    runs = []
+    for folder in sweeps:
+        path = os.path.join(folder, "results.json")
+        if not os.path.exists(path):
+            raise UserError(f"no sweep results at {path}")
+        with open(path) as f:
+            runs.append(averages(json.load(f)))
+    stats = {}
+    for key in runs[0]:
+        if key[1] < 1.0:
+            stats[key] = {m: (sum(r[key][m] for r in runs) / len(runs),
+                              (max(r[key][m] for r in runs) - min(r[key][m] for r in runs)) / 2)
+                          for m in ("d_loss", "d_accuracy", "d_task_accuracy")}
+    lines = [f"Changes from the full model, mean ± half the range over {len(runs)} seeds:", "",
+             "| model | experts kept | loss change | next-token acc. change | task acc. change |", "|---|---|---|---|---|"]
+    for (model, fraction), s in sorted(stats.items(), key=lambda item: (item[0][0], -item[0][1])):
+        lines.append(f"| {model} | {fraction:.1%} | {s['d_loss'][0]:+.3f} ± {s['d_loss'][1]:.3f} | "
+                     f"{100 * s['d_accuracy'][0]:+.1f} ± {100 * s['d_accuracy'][1]:.1f} pt | "
+                     f"{100 * s['d_task_accuracy'][0]:+.1f} ± {100 * s['d_task_accuracy'][1]:.1f} pt |")
+    return stats, "\n".join(lines)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seeds", required=True, help="sweep folders of the same experiment, comma-separated")
+    parser.add_argument("--out", default="", help="also write the table here")
+    args = parser.parse_args(argv)
+    _, table = spread_table(args.seeds.split(","))
+    print(table)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(table + "\n")
+
+
+if __name__ == "__main__":
+    run_command(main)
