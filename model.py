@@ -95,10 +95,12 @@ class RMSNorm(nn.Module):
         return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
 
 
-def rope_tables(head_size, T, theta, device):
-    """cos and sin tables (T, hd) of rotary embeddings, halves layout (as in the Hugging Face release)."""
+def rope_tables(head_size, T, theta, device, start=0):
+    """cos and sin tables (T, hd) of rotary embeddings for positions start..start+T-1, halves layout (as in
+    the Hugging Face release)."""
     inv_freq = 1.0 / theta ** (torch.arange(0, head_size, 2, device=device, dtype=torch.float32) / head_size)
-    angles = torch.outer(torch.arange(T, device=device, dtype=torch.float32), inv_freq)  # (T, hd/2)
+    positions = torch.arange(start, start + T, device=device, dtype=torch.float32)
+    angles = torch.outer(positions, inv_freq)  # (T, hd/2)
     angles = torch.cat([angles, angles], dim=-1)  # (T, hd)
     return angles.cos(), angles.sin()
 
@@ -110,12 +112,42 @@ def apply_rope(x, cos, sin):
     return (x * cos + rotated * sin).to(x.dtype)
 
 
-def document_attention_mask(doc_ids):
-    """Causal attention mask within documents: doc_ids (B, T) -> bool (B, 1, T, T), True = may attend."""
-    T = doc_ids.shape[1]
-    same_document = doc_ids[:, :, None] == doc_ids[:, None, :]  # (B, T, T)
-    causal = torch.ones(T, T, dtype=torch.bool, device=doc_ids.device).tril()
-    return (same_document & causal)[:, None]
+def attention_mask(doc_ids, n_queries, within_documents):
+    """Which keys the last n_queries positions may attend to, given the document ids of all positions
+    doc_ids (B, S): causal, and within documents when asked. Returns bool (B or 1, 1, Q, S), True = may."""
+    S = doc_ids.shape[1]
+    query_positions = torch.arange(S - n_queries, S, device=doc_ids.device)[:, None]  # (Q, 1)
+    mask = (torch.arange(S, device=doc_ids.device)[None] <= query_positions)[None]  # (1, Q, S)
+    if within_documents:
+        mask = mask & (doc_ids[:, -n_queries:, None] == doc_ids[:, None, :])  # (B, Q, S)
+    return mask[:, None]
+
+
+class KVCache:
+    """Keys and values of every layer for the positions generated so far, and their tokens (for document
+    boundaries), up to seq_len positions: with it a new token costs one position, not the whole context."""
+
+    def __init__(self, cfg, batch_size, device, dtype):
+        shape = (batch_size, cfg.n_head, cfg.seq_len, cfg.d_model // cfg.n_head)  # (B, nh, S, hd)
+        self.keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layer)]
+        self.values = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layer)]
+        self.tokens = torch.zeros(batch_size, cfg.seq_len, dtype=torch.long, device=device)
+        self.length = 0  # positions stored
+
+    def add_tokens(self, idx):
+        """Record the new tokens idx (B, T); returns all tokens so far (B, length + T)."""
+        end = self.length + idx.shape[1]
+        if end > self.tokens.shape[1]:
+            raise ValueError(f"the cache holds {self.tokens.shape[1]} positions, {end} were asked")
+        self.tokens[:, self.length:end] = idx
+        return self.tokens[:, :end]
+
+    def add(self, layer, k, v):
+        """Store layer's keys and values (B, nh, T, hd) of the new positions; all so far (B, nh, length + T, hd)."""
+        end = self.length + k.shape[2]
+        self.keys[layer][:, :, self.length:end] = k
+        self.values[layer][:, :, self.length:end] = v
+        return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
 
 
 class Attention(nn.Module):
@@ -125,11 +157,13 @@ class Attention(nn.Module):
         self.n_head = cfg.n_head
         self.q_proj, self.k_proj, self.v_proj, self.o_proj = (nn.Linear(C, C, bias=False) for _ in range(4))
 
-    def forward(self, x, cos, sin, attn_mask):
+    def forward(self, x, cos, sin, attn_mask, cache=None, layer=0):
         B, T, C = x.shape
         q, k, v = (proj(x).view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hd)
                    for proj in (self.q_proj, self.k_proj, self.v_proj))
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            k, v = cache.add(layer, k, v)  # (B, nh, S, hd) every position so far
         if attn_mask is None:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         else:
@@ -163,8 +197,8 @@ class Block(nn.Module):
         self.moe_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.moe = MoE(cfg, n_experts)
 
-    def forward(self, x, cos, sin, attn_mask, doc_ids, token_routing):
-        x = x + self.attn(self.attn_norm(x), cos, sin, attn_mask)
+    def forward(self, x, cos, sin, attn_mask, doc_ids, token_routing, cache=None, layer=0):
+        x = x + self.attn(self.attn_norm(x), cos, sin, attn_mask, cache, layer)
         y, routing = self.moe(self.moe_norm(x), doc_ids, token_routing)
         return x + y, routing
 
@@ -208,24 +242,32 @@ class EMO(nn.Module):
         active_matmul = self.num_params()[1] - self.embed.weight.numel()
         return 6 * active_matmul + 12 * cfg.n_layer * cfg.d_model * T
 
-    def forward(self, idx, targets=None, token_routing=False):
-        """idx (B, T) token ids, targets (B, T) next tokens (-1 = ignore) or None.
+    def forward(self, idx, targets=None, token_routing=False, cache=None):
+        """idx (B, T) token ids, targets (B, T) next tokens (-1 = ignore) or None; with a KVCache, idx are the
+        tokens after those cached (and the model routes token by token, as at inference).
         Returns (logits (B, T, V), None, stats) without targets, (None, loss to optimise, stats) with them
         (the loss never holds all logits at once). stats: lb_loss, z_loss (averaged over layers),
         expert_counts (one (Er,) tensor per layer), pool_size, and given targets lm_loss (cross-entropy) and
         lm_z_loss."""
         B, T = idx.shape
-        doc_ids = document_ids(idx, self.cfg.eos_id)  # (B, T)
-        attn_mask = document_attention_mask(doc_ids) if self.cfg.doc_attention else None
-        cos, sin = rope_tables(self.cfg.d_model // self.cfg.n_head, T, self.cfg.rope_theta, idx.device)
+        start = 0 if cache is None else cache.length
+        all_doc_ids = document_ids(idx if cache is None else cache.add_tokens(idx), self.cfg.eos_id)  # (B, S)
+        doc_ids = all_doc_ids[:, -T:]  # (B, T)
+        attn_mask = None  # causal attention, the fast path
+        if self.cfg.doc_attention or cache is not None:
+            attn_mask = attention_mask(all_doc_ids, T, self.cfg.doc_attention)
+        cos, sin = rope_tables(self.cfg.d_model // self.cfg.n_head, T, self.cfg.rope_theta, idx.device, start)
+        token_routing = token_routing or cache is not None
         x = self.embed(idx)  # (B, T, C)
         routings = []
-        for block in self.layers:
+        for layer, block in enumerate(self.layers):
             if self.activation_checkpointing and torch.is_grad_enabled():  # the recompute redraws the same pools
                 x, routing = checkpoint(block, x, cos, sin, attn_mask, doc_ids, token_routing, use_reentrant=False)
             else:
-                x, routing = block(x, cos, sin, attn_mask, doc_ids, token_routing)
+                x, routing = block(x, cos, sin, attn_mask, doc_ids, token_routing, cache, layer)
             routings.append(routing)
+        if cache is not None:
+            cache.length += T
         stats = {
             "lb_loss": torch.stack([r.lb_loss for r in routings]).mean(),
             "z_loss": torch.stack([r.z_loss for r in routings]).mean(),
@@ -242,16 +284,32 @@ class EMO(nn.Module):
         return None, loss, stats
 
     @torch.no_grad()
-    def generate(self, idx, max_new_tokens, temperature=1.0, sample_top_k=None):
+    def generate(self, idx, max_new_tokens, temperature=1.0, sample_top_k=None, use_cache=True):
         """Sample max_new_tokens after idx (B, T), routing token by token (no pool), as the release does at
-        inference. sample_top_k keeps only the most likely tokens at each step."""
+        inference. temperature 0 takes the most likely token; sample_top_k keeps only the most likely tokens.
+        With use_cache a KVCache makes each new token cost one position while the sequence fits in seq_len;
+        past it the context window slides (positions change: nothing to reuse), as without the cache."""
+        cache = None
         for _ in range(max_new_tokens):
-            context = idx[:, -self.cfg.seq_len:]
-            logits, _, _ = self(context, token_routing=True)
-            logits = logits[:, -1] / temperature  # (B, V)
-            if sample_top_k is not None:
-                kth = logits.topk(min(sample_top_k, logits.shape[-1])).values[:, [-1]]
-                logits = logits.masked_fill(logits < kth, float("-inf"))
-            next_token = torch.multinomial(logits.softmax(-1), num_samples=1)  # (B, 1)
+            if use_cache and idx.shape[1] <= self.cfg.seq_len:
+                if cache is None:  # the prompt, all at once
+                    cache = KVCache(self.cfg, idx.shape[0], idx.device, self.embed.weight.dtype)
+                    logits, _, _ = self(idx, cache=cache)
+                else:
+                    logits, _, _ = self(idx[:, -1:], cache=cache)
+            else:
+                logits, _, _ = self(idx[:, -self.cfg.seq_len:], token_routing=True)
+            next_token = pick_token(logits[:, -1], temperature, sample_top_k)  # (B, 1)
             idx = torch.cat([idx, next_token], dim=1)
         return idx
+
+
+def pick_token(logits, temperature, sample_top_k):
+    """The next token (B, 1) from the last position's logits (B, V)."""
+    if temperature <= 0:
+        return logits.argmax(-1, keepdim=True)
+    logits = logits / temperature
+    if sample_top_k is not None:
+        kth = logits.topk(min(sample_top_k, logits.shape[-1])).values[:, [-1]]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    return torch.multinomial(logits.softmax(-1), num_samples=1)

@@ -183,3 +183,26 @@ def test_activation_checkpointing_gives_the_same_step():
     assert torch.equal(results[0][0], results[1][0])
     for plain, checkpointed in zip(results[0][1], results[1][1]):
         torch.testing.assert_close(checkpointed, plain, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("doc_attention", [False, True])
+def test_cached_generation_equals_uncached(doc_attention):
+    """Greedy decoding with the KV cache gives the tokens of recomputing the whole context every step, also
+    across an EOS (document mask) and past seq_len (where the window slides)."""
+    torch.manual_seed(0)
+    model = EMO(tiny_config(doc_attention=doc_attention, seq_len=24)).eval()
+    prompt = tokens()[:, :10]  # an EOS at position 7
+    cached = model.generate(prompt, max_new_tokens=30, temperature=0, use_cache=True)
+    uncached = model.generate(prompt, max_new_tokens=30, temperature=0, use_cache=False)
+    assert cached.shape == (2, 40) and torch.equal(cached, uncached)
+
+
+def test_cache_gives_the_logits_of_the_whole_sequence():
+    from model import KVCache
+    torch.manual_seed(0)
+    model = EMO(tiny_config(doc_attention=True)).eval()
+    idx = tokens()[:, :20]
+    full, _, _ = model(idx, token_routing=True)
+    cache = KVCache(model.cfg, 2, "cpu", torch.float32)
+    pieces = [model(idx[:, :12], cache=cache)[0]] + [model(idx[:, t:t + 1], cache=cache)[0] for t in range(12, 20)]
+    torch.testing.assert_close(torch.cat(pieces, dim=1), full, rtol=1e-5, atol=1e-5)
