@@ -3,15 +3,18 @@ A multiple-choice task per domain, built offline from held-out documents, to mea
 measures (task accuracy after pruning) where no benchmark is available:
 
     passage:  64 tokens of a document
-    choices:  the 32 tokens that follow it in that document, and 32 tokens from each of 3 other documents of
+    choices:  the 16 tokens that follow it in that document, and 16 tokens from each of 3 other documents of
               the same domain (so every choice is plausible text of the domain; only one continues the passage)
 
-A choice is scored by its log-likelihood given the passage (the sum over its tokens, as benchmark harnesses
-score multiple-choice answers; all choices have the same length), and the item is right when the true
-continuation scores highest. Chance is 1 in 4.
+A choice is scored by how much the passage raises its log-likelihood: log p(choice | passage) -
+log p(choice | start of a document), its tokens summed (the mutual-information scoring of benchmark
+harnesses, lm-evaluation-harness's acc_mutual_info: it cancels how likely a piece of text is on its own, which
+otherwise decides for a small model). The item is right when the true continuation scores highest; chance is
+1 in 4. (A first construction, 32-token choices scored by plain likelihood, left the demo's full models at
+38%, too near chance for a drop to be measured; this one gives them about 75%.)
 
-Items come from a domain's validation documents, one per document long enough (a fixed seed picks where the
-passage ends and the distractors). Pruning calibrates on demonstrations built the same way from the
+Items come from a domain's validation documents, two per document long enough (a fixed seed picks where the
+passages end and the distractors). Pruning calibrates on demonstrations built the same way from the
 calibration documents, passage plus its true continuation, with the router statistics taken over the
 continuation's tokens (the answer), as the release calibrates on demonstrations with their answers; the items
 scored are never seen by it.
@@ -27,7 +30,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-PASSAGE, ANSWER, CHOICES = 64, 32, 4
+PASSAGE, ANSWER, CHOICES, ITEMS_PER_DOCUMENT = 64, 16, 4, 2
 
 
 @dataclass
@@ -43,9 +46,10 @@ def spans_of(document):
 
 
 def task_items(documents, seed=0):
-    """One item per document long enough, in document order. documents: token arrays ending with EOS."""
+    """ITEMS_PER_DOCUMENT items per document long enough, in document order. documents: token arrays ending
+    with EOS."""
     rng = np.random.default_rng(seed)
-    eligible = [i for i, doc in enumerate(documents) if spans_of(doc) > 0]
+    eligible = [i for i, doc in enumerate(documents) if spans_of(doc) > 0 for _ in range(ITEMS_PER_DOCUMENT)]
     items = []
     for i in eligible:
         cut = PASSAGE + int(rng.integers(spans_of(documents[i])))  # where the passage ends
@@ -81,26 +85,35 @@ def demonstrations(documents, n, seed=1):
 
 
 @torch.no_grad()
-def choice_log_likelihoods(model, items, batch_size, device):
-    """(n_items, CHOICES) summed log-probabilities of each choice's tokens given the passage, token routing."""
-    sequences = torch.from_numpy(np.stack([np.concatenate([item.passage, choice]) for item in items
-                                           for choice in item.choices]).astype(np.int64))  # (n*CHOICES, P+A)
+def log_likelihoods(model, contexts, continuations, batch_size, device):
+    """(n,) summed log-probabilities of each continuation (n, A) given its context (n, L), token routing."""
+    sequences = torch.cat([contexts, continuations], dim=1)  # (n, L + A)
+    L = contexts.shape[1]
     was_training = model.training
     model.eval()
-    scores = []
+    sums = []
     for batch in sequences.split(batch_size):
         batch = batch.to(device)
-        logits, _, _ = model(batch[:, :-1], token_routing=True)  # (b, P+A-1, V)
-        answer_logits = logits[:, PASSAGE - 1:].float()  # the positions that predict the choice's tokens
-        log_probs = F.log_softmax(answer_logits, dim=-1).gather(2, batch[:, PASSAGE:, None])[..., 0]  # (b, A)
-        scores.append(log_probs.sum(1).cpu())
+        logits, _, _ = model(batch[:, :-1], token_routing=True)  # (b, L + A - 1, V)
+        log_probs = F.log_softmax(logits[:, L - 1:].float(), dim=-1)  # the positions predicting the continuation
+        sums.append(log_probs.gather(2, batch[:, L:, None])[..., 0].sum(1).cpu())
     model.train(was_training)
-    return torch.cat(scores).view(len(items), CHOICES)
+    return torch.cat(sums)
+
+
+def choice_scores(model, items, batch_size, device):
+    """(n_items, CHOICES): log p(choice | passage) - log p(choice | start of a document)."""
+    choices = torch.from_numpy(np.stack([c for item in items for c in item.choices]).astype(np.int64))  # (n*4, A)
+    passages = torch.from_numpy(np.stack([item.passage for item in items for _ in item.choices]).astype(np.int64))
+    document_start = torch.full((len(choices), 1), model.cfg.eos_id)  # the EOS that closes the one before
+    conditional = log_likelihoods(model, passages, choices, batch_size, device)
+    unconditional = log_likelihoods(model, document_start, choices, batch_size, device)
+    return (conditional - unconditional).view(len(items), CHOICES)
 
 
 def task_accuracy(model, items, batch_size, device):
-    """Fraction of items whose true continuation is the most likely choice."""
+    """Fraction of items whose true continuation scores highest."""
     if not items:
         return float("nan")
-    predicted = choice_log_likelihoods(model, items, batch_size, device).argmax(1)
+    predicted = choice_scores(model, items, batch_size, device).argmax(1)
     return (predicted == torch.tensor([item.answer for item in items])).float().mean().item()

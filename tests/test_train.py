@@ -162,12 +162,21 @@ def test_windows_are_the_same_for_any_number_of_ranks(tmp_path):
 CONFIGS = ["emo_tiny", "std_tiny", "emo_small", "std_small", "emo_full", "stdmoe_full"]
 
 
-@pytest.mark.parametrize("emo,std", [("emo_tiny", "std_tiny"), ("emo_small", "std_small"), ("emo_full", "stdmoe_full")])
-def test_twin_configs_differ_only_where_the_release_twins_differ(emo, std):
-    """Router and document attention mask (EMO masks attention within documents, its baseline does not)."""
+@pytest.mark.parametrize("emo,std", [("emo_tiny", "std_tiny"), ("emo_small", "std_small")])
+def test_small_twin_configs_differ_only_in_the_router(emo, std):
+    """The experiments' twins: both mask attention within documents (the evaluation packs documents)."""
     (train_a, model_a), _ = parse_args([f"{ROOT}/config/{emo}.py"], TrainConfig, ModelConfig)
     (train_b, model_b), _ = parse_args([f"{ROOT}/config/{std}.py"], TrainConfig, ModelConfig)
-    assert model_a.router == "emo" and model_a.doc_attention and model_b.router == "std" and not model_b.doc_attention
+    assert model_a.router == "emo" and model_b.router == "std" and model_a.doc_attention
+    assert dataclasses.replace(model_b, router="emo") == model_a
+    assert dataclasses.replace(train_b, out_dir=train_a.out_dir) == train_a
+
+
+def test_release_twin_configs_differ_where_the_release_twins_differ():
+    """emo_full / stdmoe_full: router and document attention mask (the release's baseline has none)."""
+    (train_a, model_a), _ = parse_args([f"{ROOT}/config/emo_full.py"], TrainConfig, ModelConfig)
+    (train_b, model_b), _ = parse_args([f"{ROOT}/config/stdmoe_full.py"], TrainConfig, ModelConfig)
+    assert (model_a.router, model_a.doc_attention, model_b.router, model_b.doc_attention) == ("emo", True, "std", False)
     assert dataclasses.replace(model_b, router="emo", doc_attention=True) == model_a
     assert dataclasses.replace(train_b, out_dir=train_a.out_dir) == train_a
 

@@ -74,7 +74,7 @@ def test_a_sweep_over_a_user_domain(tiny_checkpoints, tmp_path):
     rows = json.load(open(tmp_path / "sweep" / "results.json"))
     models = [model_name(tiny_checkpoints[router]) for router in ("emo", "std")]
     assert {(r["model"], r["domain"], r["keep"]) for r in rows} == {(m, "recipes", k) for m in models for k in (8, 4)}
-    assert all(r["task_items"] == 6 for r in rows)  # one item per held-out document
+    assert all(r["task_items"] == 12 for r in rows)  # two items per held-out document
 
 
 def test_prompt_answer_examples_score_the_answer(tmp_path):

@@ -1,0 +1,71 @@
+"""The multiple-choice task (tasks.py): items made from documents as described, the mutual-information score
+against a direct computation, the accuracy, and the calibration demonstrations.
+
+    python -m pytest tests/test_tasks.py -q
+"""
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+import tasks
+from model import EMO, ModelConfig
+from tasks import ANSWER, CHOICES, ITEMS_PER_DOCUMENT, PASSAGE
+
+EOS = 99
+
+
+def documents(n=6, seed=0):
+    """Documents of distinct token ranges (so a span tells which document it came from), each ending in EOS."""
+    rng = np.random.default_rng(seed)
+    return [np.concatenate([10 * d + rng.integers(0, 10, size=rng.integers(90, 160)), [EOS]]) for d in range(n)] + \
+        [np.array([1, 2, EOS])]  # too short for an item
+
+
+def test_items_pair_a_passage_with_its_continuation_and_other_documents_spans():
+    docs = documents()
+    items = tasks.task_items(docs, seed=3)
+    assert len(items) == 6 * ITEMS_PER_DOCUMENT
+    for n, item in enumerate(items):
+        source = docs[n // ITEMS_PER_DOCUMENT]
+        assert item.passage.shape == (PASSAGE,) and all(c.shape == (ANSWER,) for c in item.choices)
+        text = source.tolist()
+        cut = next(i for i in range(PASSAGE, len(text)) if text[i - PASSAGE:i] == item.passage.tolist())
+        assert item.choices[item.answer].tolist() == text[cut:cut + ANSWER]  # the true continuation
+        others = [c for k, c in enumerate(item.choices) if k != item.answer]
+        assert len({int(c[0]) // 10 for c in others} | {int(source[0]) // 10}) == CHOICES  # 3 other documents
+        assert all(EOS not in c for c in item.choices)
+    assert len({item.answer for item in items}) > 1  # the right answer is not always at the same place
+
+
+def tiny_model():
+    torch.manual_seed(0)
+    return EMO(ModelConfig(vocab_size=100, eos_id=EOS, seq_len=96, n_layer=1, n_head=2, d_model=16, n_experts=4,
+                           top_k=2, expert_hidden=8)).eval()
+
+
+def direct_log_likelihood(model, context, continuation):
+    sequence = torch.tensor(np.concatenate([context, continuation]))[None]
+    log_probs = F.log_softmax(model(sequence[:, :-1], token_routing=True)[0][0], dim=-1)
+    return sum(log_probs[len(context) - 1 + t, int(token)].item() for t, token in enumerate(continuation))
+
+
+def test_scores_are_conditional_minus_unconditional_log_likelihoods():
+    model = tiny_model()
+    items = tasks.task_items(documents(), seed=1)[:3]
+    scores = tasks.choice_scores(model, items, batch_size=5, device=torch.device("cpu"))
+    for item, row in zip(items, scores):
+        for choice, score in zip(item.choices, row):
+            expected = direct_log_likelihood(model, item.passage, choice) - direct_log_likelihood(model, [EOS], choice)
+            assert abs(score.item() - expected) < 1e-3
+    right = sum(int(row.argmax()) == item.answer for item, row in zip(items, scores))
+    assert tasks.task_accuracy(model, items, 7, torch.device("cpu")) == right / 3
+
+
+def test_demonstrations_score_the_answer_only():
+    demos = tasks.demonstrations(documents(), n=9)
+    assert len(demos) == 9
+    for tokens, mask in demos:
+        assert tokens.shape == mask.shape == (1, PASSAGE + ANSWER)
+        assert not mask[0, :PASSAGE].any() and mask[0, PASSAGE:].all()
+    assert tasks.demonstrations([np.array([1, 2, EOS])], n=4) == []
