@@ -1,8 +1,8 @@
 # nanoEMO's two commands: `make demo` (the main job) and `make test` (the tests).
 # Both install the pinned requirements into .venv first (once, again when requirements.txt changes).
 #   make demo: prepare the corpus, train emo_tiny and std_tiny side by side (one core each), then prune
-#              every domain at 100/50/25/12.5% of the experts and evaluate: out/sweep_tiny/ (table, plots,
-#              training curves).
+#              every domain at 100/50/25/12.5% of the experts and evaluate loss, next-token and task
+#              accuracy, one model per core, and combine: out/sweep_tiny/ (table, plots, training curves).
 #              Safe to interrupt: run it again and each step resumes or is skipped once done.
 PYTHON ?= python3
 VENV := .venv
@@ -29,7 +29,13 @@ train-%: corpus
 	OMP_NUM_THREADS=1 $(PY) train.py config/$*.py $$(test -f out/$*/ckpt.pt && echo --init_from=resume) \
 		| sed -u 's/^/[$*] /'
 
+# one model's sweep (both models' pruning and evaluation are independent: one per core)
+sweep-%: corpus
+	OMP_NUM_THREADS=1 $(PY) eval.py --sweep --ckpt out/$* --out out/sweeps/$* > out/sweeps_$*.log 2>&1
+
 demo: corpus
 	$(MAKE) -j2 train-emo_tiny train-std_tiny
-	$(PY) eval.py --sweep --ckpt out/emo_tiny,out/std_tiny --out out/sweep_tiny
+	mkdir -p out
+	$(MAKE) -j2 sweep-emo_tiny sweep-std_tiny
+	$(PY) report.py --combine out/sweeps/emo_tiny,out/sweeps/std_tiny --out out/sweep_tiny
 	$(PY) eval.py --curves --ckpt out/emo_tiny,out/std_tiny --out out/sweep_tiny

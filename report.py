@@ -4,6 +4,7 @@ fraction of experts kept, EMO against the standard MoE; the expert-usage heatmap
 spread of a sweep repeated with other seeds.
 
     write_sweep(rows, usage, domains, "out/sweep_tiny")     # table.md, results.csv/json, retention_*.png, ...
+    python report.py --combine out/sweep_emo,out/sweep_std --out out/sweep_tiny     # sweeps run side by side
     python report.py --seeds out/sweep_tiny,out/sweep_tiny_seed2 --out out/seeds.md     # mean and spread
 
 A row is one (model, domain, fraction kept): loss, next-token accuracy, task accuracy (tasks.py) and their
@@ -15,6 +16,8 @@ import csv
 import json
 import math
 import os
+
+import torch
 
 from errors import UserError, run_command
 
@@ -171,25 +174,51 @@ def write_sweep(rows, usage, domains, out_dir):
     for metric in METRICS:
         plot_retention(rows, os.path.join(out_dir, f"retention_{metric}.png"), metric)
     plot_usage(usage, domains, os.path.join(out_dir, "expert_usage.png"))
+    with open(os.path.join(out_dir, "usage.json"), "w") as f:
+        json.dump({"domains": domains, "usage": {m: u.tolist() for m, u in usage.items()}}, f)
     return table
+
+
+def combine(sweeps, out_dir):
+    """One report from sweeps of different models over the same domains (run side by side, one per core)."""
+    rows, usage, domains = [], {}, None
+    for folder in sweeps:
+        for name in ("results.json", "usage.json"):
+            if not os.path.exists(os.path.join(folder, name)):
+                raise UserError(f"no sweep results at {os.path.join(folder, name)}")
+        with open(os.path.join(folder, "results.json")) as f:
+            rows += json.load(f)
+        with open(os.path.join(folder, "usage.json")) as f:
+            saved = json.load(f)
+        if domains is not None and saved["domains"] != domains:
+            raise UserError(f"{folder} covers domains {saved['domains']}, not {domains}")
+        domains = saved["domains"]
+        usage.update({m: torch.tensor(u) for m, u in saved["usage"].items()})
+    return write_sweep(rows, usage, domains, out_dir)
 
 
 def spread_table(sweeps):
     """Mean and spread (half the range) over sweeps repeated with other seeds, of each model's changes at each
-    fraction kept below 100%: {(model, fraction): {metric: (mean, half range)}} and its markdown."""
+    fraction kept below 100%: {(model, fraction): {metric: (mean, half range)}} and its markdown. Models are
+    matched by their order in each sweep (their names may carry the seed) and named as in the first."""
     runs = []
     for folder in sweeps:
         path = os.path.join(folder, "results.json")
         if not os.path.exists(path):
             raise UserError(f"no sweep results at {path}")
         with open(path) as f:
-            runs.append(averages(json.load(f)))
+            rows = json.load(f)
+        models = list(dict.fromkeys(r["model"] for r in rows))
+        runs.append({(models.index(m), f): a for (m, f), a in averages(rows).items()})
+        if len(runs) == 1:
+            names = models
+    if any(run.keys() != runs[0].keys() for run in runs):
+        raise UserError(f"the sweeps {sweeps} do not cover the same models and fractions")
     stats = {}
     for key in runs[0]:
         if key[1] < 1.0:
-            stats[key] = {m: (sum(r[key][m] for r in runs) / len(runs),
-                              (max(r[key][m] for r in runs) - min(r[key][m] for r in runs)) / 2)
-                          for m in ("d_loss", "d_accuracy", "d_task_accuracy")}
+            values = {m: [run[key][m] for run in runs] for m in ("d_loss", "d_accuracy", "d_task_accuracy")}
+            stats[(names[key[0]], key[1])] = {m: (sum(v) / len(v), (max(v) - min(v)) / 2) for m, v in values.items()}
     lines = [f"Changes from the full model, mean ± half the range over {len(runs)} seeds:", "",
              "| model | experts kept | loss change | next-token acc. change | task acc. change |", "|---|---|---|---|---|"]
     for (model, fraction), s in sorted(stats.items(), key=lambda item: (item[0][0], -item[0][1])):
@@ -201,14 +230,19 @@ def spread_table(sweeps):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--seeds", required=True, help="sweep folders of the same experiment, comma-separated")
-    parser.add_argument("--out", default="", help="also write the table here")
+    parser.add_argument("--combine", default="", help="sweep folders of different models, comma-separated")
+    parser.add_argument("--seeds", default="", help="sweep folders of the same experiment, comma-separated")
+    parser.add_argument("--out", required=True, help="--combine: the report's folder; --seeds: the table's file")
     args = parser.parse_args(argv)
+    if bool(args.combine) == bool(args.seeds):
+        raise UserError("give one of --combine and --seeds")
+    if args.combine:
+        print(combine(args.combine.split(","), args.out))
+        return
     _, table = spread_table(args.seeds.split(","))
     print(table)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(table + "\n")
+    with open(args.out, "w") as f:
+        f.write(table + "\n")
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The paper's experiment at single-GPU scale: EMO (config/emo_small.py) and its standard-MoE twin
 # (config/std_small.py) trained on the same 8-domain GPT-2-token corpus, then pruned for every domain to
-# 100/50/25/12.5/6.25% of their 64 experts and evaluated. Writes $RESULTS: table.md, results.csv/json,
+# 100/50/25/12.5/6.25% of their 128 experts (6.25% = 8 = top_k, 12.5% = twice top_k) and evaluated on loss,
+# next-token accuracy and the task of tasks.py. Writes $RESULTS: table.md, results.csv/json,
 # retention_loss.png, retention_accuracy.png, expert_usage.png, training_curves.png and both training logs.
 #
 #   bash scripts/repro_small.sh                    # one GPU: ~10 min per model, then the sweep

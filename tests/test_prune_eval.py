@@ -209,3 +209,19 @@ def test_pruning_again_must_be_consistent(tiny_corpus, tiny_checkpoints, tmp_pat
         assert set(after["kept"]) <= set(before["kept"]) and len(after["kept"]) == 1
     model, _ = load_model(str(tmp_path / "quarter.pt"))
     assert model.cfg.n_experts == 2 and model.cfg.top_k == 2
+
+
+def test_sweeps_run_side_by_side_combine_into_the_joint_sweep(tiny_corpus, tiny_checkpoints, tmp_path):
+    """make demo sweeps each model in its own process and combines: the same rows as one sweep of both; and
+    the spread over repeated sweeps is their half range (zero for a sweep repeated identically)."""
+    import report
+    common = ["--data_dir", tiny_corpus[0], "--keep", "1.0,0.5", "--calib_docs", "2", "--max_tokens", "64"]
+    for router in ("emo", "std"):
+        evaluation.main(["--sweep", "--ckpt", tiny_checkpoints[router], "--out", str(tmp_path / router), *common])
+    evaluation.main(["--sweep", "--ckpt", f"{tiny_checkpoints['emo']},{tiny_checkpoints['std']}",
+                     "--out", str(tmp_path / "joint"), *common])
+    report.combine([str(tmp_path / "emo"), str(tmp_path / "std")], str(tmp_path / "combined"))
+    assert json.load(open(tmp_path / "combined" / "results.json")) == json.load(open(tmp_path / "joint" / "results.json"))
+    assert open(tmp_path / "combined" / "table.md").read() == open(tmp_path / "joint" / "table.md").read()
+    stats, table = report.spread_table([str(tmp_path / "joint"), str(tmp_path / "combined")])
+    assert all(half == 0 for s in stats.values() for _, half in s.values()) and "± 0.000" in table
