@@ -67,7 +67,8 @@ class ModelConfig:
             (self.n_shared < self.top_k <= self.n_experts,
              f"top_k {self.top_k} must exceed n_shared {self.n_shared} and be at most n_experts {self.n_experts}"),
             (self.router in ("emo", "std"), f"router must be 'emo' or 'std', got {self.router!r}"),
-            (1 <= self.pool_min <= self.pool_max, f"need 1 <= pool_min <= pool_max, got {self.pool_min}, {self.pool_max}"),
+            (1 <= self.pool_min <= self.pool_max,
+             f"need 1 <= pool_min <= pool_max, got {self.pool_min}, {self.pool_max}"),
             (self.pool_eval >= 0, f"pool_eval must be >= 0, got {self.pool_eval}"),
             (0 <= self.eos_id < self.vocab_size, f"eos_id {self.eos_id} outside the vocabulary {self.vocab_size}"),
             (len(self.experts_per_layer) in (0, self.n_layer)

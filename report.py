@@ -66,7 +66,8 @@ def markdown_table(rows):
                       f"{percent(a['task_accuracy'])} ({percent(a['d_task_accuracy'], True)})"]
         lines.append(f"| {avg[(models[0], f)]['keep']} ({f:.1%}) | " + " | ".join(cells) + " |")
     by_key = {(r["model"], r["fraction"], r["domain"]): r for r in rows}
-    for metric, title, scale in (("d_loss", "Loss change", 1), ("d_task_accuracy", "Task accuracy change (points)", 100)):
+    per_domain = (("d_loss", "Loss change", 1), ("d_task_accuracy", "Task accuracy change (points)", 100))
+    for metric, title, scale in per_domain:
         lines += ["", f"{title} per domain (pruned for that domain vs the full model):", "",
                   "| model | experts kept | " + " | ".join(domains) + " |", "|---|---" + "|---" * len(domains) + "|"]
         for m in models:
@@ -220,7 +221,8 @@ def spread_table(sweeps):
             values = {m: [run[key][m] for run in runs] for m in ("d_loss", "d_accuracy", "d_task_accuracy")}
             stats[(names[key[0]], key[1])] = {m: (sum(v) / len(v), (max(v) - min(v)) / 2) for m, v in values.items()}
     lines = [f"Changes from the full model, mean ± half the range over {len(runs)} seeds:", "",
-             "| model | experts kept | loss change | next-token acc. change | task acc. change |", "|---|---|---|---|---|"]
+             "| model | experts kept | loss change | next-token acc. change | task acc. change |",
+             "|---|---|---|---|---|"]
     for (model, fraction), s in sorted(stats.items(), key=lambda item: (item[0][0], -item[0][1])):
         lines.append(f"| {model} | {fraction:.1%} | {s['d_loss'][0]:+.3f} ± {s['d_loss'][1]:.3f} | "
                      f"{100 * s['d_accuracy'][0]:+.1f} ± {100 * s['d_accuracy'][1]:.1f} pt | "

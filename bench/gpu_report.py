@@ -33,8 +33,8 @@ def throughput_lines(name, result):
     lines = []
     for router, r in result["routers"].items():
         mfu = f"{r['mfu']:.1%}" if r["mfu"] else "-"
-        lines.append(f"| {name} ({router}, compile {result['compile']}) | {r['tokens_per_s']:,.0f} | {r['ms_per_step']:.1f} "
-                     f"| {mfu} | {r['first_step_s']:.1f} |")
+        lines.append(f"| {name} ({router}, compile {result['compile']}) | {r['tokens_per_s']:,.0f} | "
+                     f"{r['ms_per_step']:.1f} | {mfu} | {r['first_step_s']:.1f} |")
     lines.append(f"| {name}: EMO / std step time | {result['emo_over_std_step_time']:.3f} | | | |")
     return lines
 

@@ -80,13 +80,13 @@ def saved_activation_bytes(cfg, batch_size, checkpointing):
 def activations(cfg, batch_size, checkpointing):
     """(saved for the whole model, one block's activations): measured at 1 and 2 layers, which gives the
     cost of a block and of the rest, then extrapolated to n_layer (blocks are identical)."""
-    one, two = (saved_activation_bytes(dataclasses.replace(cfg, n_layer=n, experts_per_layer=()), batch_size,
-                                       checkpointing) for n in (1, 2))
+    def saved(n_layer, checkpointing):
+        return saved_activation_bytes(dataclasses.replace(cfg, n_layer=n_layer, experts_per_layer=()), batch_size,
+                                      checkpointing)
+
+    one, two = saved(1, checkpointing), saved(2, checkpointing)
     per_block = two - one
-    block_full = per_block
-    if checkpointing:
-        block_full = (saved_activation_bytes(dataclasses.replace(cfg, n_layer=2, experts_per_layer=()), batch_size, False)
-                      - saved_activation_bytes(dataclasses.replace(cfg, n_layer=1, experts_per_layer=()), batch_size, False))
+    block_full = saved(2, False) - saved(1, False) if checkpointing else per_block
     return one + (cfg.n_layer - 1) * per_block, block_full
 
 

@@ -36,8 +36,9 @@ def main():
     torch.manual_seed(0)
     model = EMO(cfg).to(device).eval()
     prompt = torch.randint(0, cfg.vocab_size - 1, (bench.batch, bench.prompt_tokens), device=device)
+    n_params = sum(p.numel() for p in model.parameters())
     print(f"{device} ({torch.get_num_threads()} threads) | {bench.batch} x ({bench.prompt_tokens} prompt + "
-          f"{bench.new_tokens} new tokens), greedy | {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters")
+          f"{bench.new_tokens} new tokens), greedy | {n_params / 1e6:.1f}M parameters")
     speeds, outputs = {}, {}
     for use_cache in (True, False):
         start = time.perf_counter()

@@ -42,7 +42,8 @@ def synthetic_batch(model_cfg, cfg, bench, device, generator):
 
 
 def compute_dtype(cfg, device):
-    return torch.bfloat16 if cfg.dtype == "bfloat16" or (cfg.dtype == "auto" and device.type == "cuda") else torch.float32
+    bf16 = cfg.dtype == "bfloat16" or (cfg.dtype == "auto" and device.type == "cuda")
+    return torch.bfloat16 if bf16 else torch.float32
 
 
 def time_steps(model_cfg, cfg, bench, device):

@@ -71,11 +71,12 @@ def read_jsonl(file):
         except json.JSONDecodeError as error:
             raise UserError(f"{file} line {n} is not JSON ({error.msg})") from None
         where = f"{file} line {n}"
-        if isinstance(record, dict) and isinstance(record.get("text"), str) and record["text"].strip():
-            examples.append(Example(text=record["text"], source=where))
-        elif isinstance(record, dict) and isinstance(record.get("prompt"), str) and isinstance(record.get("answer"), str) \
-                and record["answer"].strip():
-            examples.append(Example(prompt=record["prompt"], answer=record["answer"], source=where))
+        fields = record if isinstance(record, dict) else {}
+        text, prompt, answer = (fields.get(key) for key in ("text", "prompt", "answer"))
+        if isinstance(text, str) and text.strip():
+            examples.append(Example(text=text, source=where))
+        elif isinstance(prompt, str) and isinstance(answer, str) and answer.strip():
+            examples.append(Example(prompt=prompt, answer=answer, source=where))
         else:
             raise UserError(f"{where} has no 'text' (nor 'prompt' and 'answer'), or it is empty")
     return examples
