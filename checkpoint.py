@@ -75,8 +75,8 @@ def check_shapes(model, state_dict, source):
     missing, unexpected = own.keys() - state_dict.keys(), state_dict.keys() - own.keys()
     if wrong or missing or unexpected:
         raise UserError(f"checkpoint of another shape: {'; '.join(wrong[:4])}"
-                         f"{' missing ' + ', '.join(sorted(missing)[:4]) if missing else ''}"
-                         f"{' unexpected ' + ', '.join(sorted(unexpected)[:4]) if unexpected else ''}")
+                        f"{' missing ' + ', '.join(sorted(missing)[:4]) if missing else ''}"
+                        f"{' unexpected ' + ', '.join(sorted(unexpected)[:4]) if unexpected else ''}")
 
 
 def model_name(path):
@@ -113,15 +113,19 @@ def load_model(path, device="cpu"):
     return model.eval(), ckpt
 
 
+def recorded_tokenizer(ckpt):
+    """The tiktoken encoding a checkpoint records, or None."""
+    return encoding_from_record(ckpt["tokenizer"]) if ckpt.get("tokenizer") else None
+
+
 def checkpoint_tokenizer(ckpt, given, path):
     """The tiktoken encoding to use with a checkpoint: the one given (gpt2, cl100k_base, dolma2, a rank file
     or a tokenizer.json), else the one the checkpoint records."""
-    if given:
-        return encoding_for(given)
-    if not ckpt.get("tokenizer"):
+    encoding = encoding_for(given) if given else recorded_tokenizer(ckpt)
+    if encoding is None:
         raise UserError(f"{path} records no tokenizer: give --tokenizer (gpt2, cl100k_base, dolma2, a rank file or "
                         "a tokenizer.json)")
-    return encoding_from_record(ckpt["tokenizer"])
+    return encoding
 
 
 def main(argv=None):
@@ -131,8 +135,7 @@ def main(argv=None):
     parser.add_argument("--dtype", default="bfloat16", choices=list(DTYPES))
     args = parser.parse_args(argv)
     model, ckpt = load_model(args.ckpt)
-    tokenizer = encoding_from_record(ckpt["tokenizer"]) if ckpt.get("tokenizer") else None
-    export_hf(model, args.hf_out, DTYPES[args.dtype], tokenizer=tokenizer, pruning=ckpt.get("pruning"))
+    export_hf(model, args.hf_out, DTYPES[args.dtype], tokenizer=recorded_tokenizer(ckpt), pruning=ckpt.get("pruning"))
     print(f"wrote {args.hf_out}: {model.cfg.n_experts} experts x {model.cfg.n_layer} layers, {args.dtype}")
 
 

@@ -132,10 +132,7 @@ def named_paths(spec, flag):
 
 def text_tokens(path, encoding, cfg):
     """Evaluation text of the user's files: (tokens (n,), scored (n,), documents [token arrays])."""
-    tokenized = tokenize_examples(read_examples(path), encoding, cfg.eos_id)
-    if max(int(t.max()) for t, _ in tokenized) >= cfg.vocab_size:
-        raise UserError(f"the tokenizer gives tokens outside the model's vocabulary of {cfg.vocab_size}: it is not "
-                        "this checkpoint's tokenizer")
+    tokenized = tokenize_examples(read_examples(path), encoding, cfg.eos_id, cfg.vocab_size)
     documents = [tokens for tokens, scored in tokenized if scored.all()]
     return np.concatenate([t for t, _ in tokenized]), np.concatenate([s for _, s in tokenized]), documents
 
@@ -186,8 +183,9 @@ def sweep(models, domains, fractions, method, batch_size, device):
         base = None
         for fraction in sorted(fractions, reverse=True):  # 1.0 first: the reference for the changes
             keep = parse_keep(repr(float(fraction)), full.cfg.n_experts, full.cfg.n_shared)
-            model = copy.deepcopy(full)
-            if keep < full.cfg.n_experts:
+            model = full
+            if keep < full.cfg.n_experts:  # pruning slices a copy; the full model serves every domain
+                model = copy.deepcopy(full)
                 prune(model, domain.calibration, keep, method)
             result = evaluate_domain(model, domain, batch_size, device)
             base = base or result

@@ -55,10 +55,11 @@ TRAINING_KEYS = ("router", "pool_min", "pool_max", "pool_eval", "doc_attention",
 
 def release_training_settings(folder_name, n_experts, top_k):
     """The release's training settings (docs/method.md), which its config.json does not hold: EMO draws pools
-    from [top_k, n_experts] (the release's [8, 128]), masks attention within documents and uses an LM-head
-    z-loss of 1e-5; its baseline (StdMoE in the name) routes every token on its own and does not mask."""
+    from [top_k, n_experts] (the release's [8, 128]; top_k <= n_experts), masks attention within documents
+    and uses an LM-head z-loss of 1e-5; its baseline (StdMoE in the name) routes every token on its own and
+    does not mask."""
     standard = "stdmoe" in folder_name.lower()
-    return {"router": "std" if standard else "emo", "pool_min": min(top_k, n_experts), "pool_max": n_experts,
+    return {"router": "std" if standard else "emo", "pool_min": top_k, "pool_max": n_experts,
             "doc_attention": not standard, "lm_z_weight": 1e-5}
 
 
@@ -119,7 +120,7 @@ def resolve_folder(path):
         from huggingface_hub import snapshot_download  # optional: only for hub ids
     except ImportError:
         raise UserError(f"no checkpoint at {path!r}: no such file or folder here, and downloading it as a "
-                                "hub id needs huggingface_hub (pip install huggingface_hub) and a network") from None
+                        "hub id needs huggingface_hub (pip install huggingface_hub) and a network") from None
     return snapshot_download(path, allow_patterns=["*.json", "*.safetensors"])
 
 

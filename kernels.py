@@ -40,10 +40,10 @@ import os
 import torch
 import torch.nn.functional as F
 import triton
+import triton.language as tl
 from torch import Tensor
 
 from errors import UserError
-import triton.language as tl
 
 KERNELS = ("loop", "grouped_mm", "triton")
 GROUPED_MM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # what torch._grouped_mm accepts
@@ -149,7 +149,7 @@ def moe_mlp_grouped(x, w_up_gate, w_down, weights, experts):
     x, w_up_gate, w_down = autocast_inputs(x, w_up_gate, w_down)
     if not grouped_mm_can_run(x.dtype, w_down.shape[1:]):
         raise UserError(f"torch._grouped_mm cannot run here (torch {torch.__version__}, {x.dtype}, expert "
-                           f"hidden x width {tuple(w_down.shape[1:])}): use NANOEMO_KERNEL=loop")
+                        f"hidden x width {tuple(w_down.shape[1:])}): use NANOEMO_KERNEL=loop")
     return moe_mlp_sorted(x, w_up_gate, w_down, weights, experts, experts_by_grouped_mm)
 
 

@@ -39,9 +39,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from checkpoint import checkpoint_tokenizer, load_model, model_name, save_checkpoint
+from checkpoint import checkpoint_tokenizer, load_model, model_name, recorded_tokenizer, save_checkpoint
 from data.corpus import Corpus
-from data.tokenizer import encoding_from_record
 from data.user import example_batches, read_examples, tokenize_examples
 from errors import UserError, run_command
 from hf import export_hf
@@ -64,7 +63,7 @@ def parse_keep(text, n_original, n_shared):
         raise UserError(f"--keep {text} keeps {keep} experts: at least 1 is needed")
     if keep <= n_shared:
         raise UserError(f"--keep {text} keeps {keep} experts, no more than the {n_shared} shared: "
-                         "keep at least one routed expert")
+                        "keep at least one routed expert")
     if keep > n_original:
         raise UserError(f"--keep {text}: the model has only {n_original} experts")
     return keep
@@ -82,11 +81,7 @@ def corpus_calibration(corpus, domain, n):
 
 def user_calibration(path, encoding, cfg, n):
     """The first n calibration batches of the user's text (data/user.py), tokenized with encoding."""
-    tokenized = tokenize_examples(read_examples(path), encoding, cfg.eos_id)
-    too_large = max(int(tokens.max()) for tokens, _ in tokenized)
-    if too_large >= cfg.vocab_size:
-        raise UserError(f"the tokenizer gives token {too_large}, outside the model's vocabulary of {cfg.vocab_size}: "
-                        "it is not this checkpoint's tokenizer")
+    tokenized = tokenize_examples(read_examples(path), encoding, cfg.eos_id, cfg.vocab_size)
     return example_batches(tokenized, cfg.seq_len)[:n]
 
 
@@ -247,8 +242,7 @@ def main(argv=None):
     with open(out + ".json", "w") as f:
         json.dump(record, f, indent=1)
     if args.hf_out:
-        tokenizer = encoding_from_record(ckpt["tokenizer"]) if ckpt.get("tokenizer") else None
-        export_hf(model, args.hf_out, tokenizer=tokenizer, pruning=record)
+        export_hf(model, args.hf_out, tokenizer=recorded_tokenizer(ckpt), pruning=record)
     total, active = model.num_params()
     print(f"kept {keep} of {n_original} experts per layer for {domain!r} ({args.method}, {len(batches)} "
           f"calibration examples): {total / 1e6:.2f}M parameters, {active / 1e6:.2f}M active -> {out}.pt, .json")

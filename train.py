@@ -271,7 +271,7 @@ class Run:
     def resume(self, ckpt):
         if ckpt.get("world", 1) != self.world:
             raise UserError(f"checkpoint written by {ckpt.get('world')} ranks, resuming with {self.world}: "
-                             "RNG streams would differ; resume with the same number of ranks")
+                            "RNG streams would differ; resume with the same number of ranks")
         load_full_state(self.raw, self.optimizer, ckpt["model"], ckpt["optimizer"])
         self.step = ckpt["step"]
         self.history = ckpt["history"]

@@ -49,7 +49,7 @@ def split_documents(documents, max_bytes, n_val, n_calib, seed):
             size += len(text.encode("utf-8"))
         if len(kept) <= n_val + n_calib:
             raise UserError(f"domain {domain!r} has {len(kept)} documents, fewer than the "
-                             f"{n_val} validation + {n_calib} calibration + 1 training documents needed")
+                            f"{n_val} validation + {n_calib} calibration + 1 training documents needed")
         splits["calib"] += [(domain, t) for t in kept[:n_calib]]
         splits["val"] += [(domain, t) for t in kept[n_calib:n_calib + n_val]]
         splits["train"] += [(domain, t) for t in kept[n_calib + n_val:]]

@@ -215,7 +215,7 @@ def split_pattern(pre_tokenizer, path):
                     "tokenizers: a ByteLevel pre-tokenizer, or Split(regex) then ByteLevel)")
 
 
-def merges_in_rank_order(model, ranks, path):
+def merges_in_rank_order(model, path):
     """Check what makes rank-based BPE (tiktoken) equal merge-based BPE (tokenizers): each merge makes a token
     of a higher rank than the merges before it."""
     merges = [m.split(" ") if isinstance(m, str) else m for m in model.get("merges", [])]
@@ -247,7 +247,7 @@ def read_tokenizer_json(path):
         ranks = {bytes(to_byte[c] for c in token): rank for token, rank in model["vocab"].items() if token not in added}
     except KeyError as error:
         raise UserError(f"{path}: vocabulary token with character {error} outside the byte-level alphabet") from None
-    merges_in_rank_order(model, ranks, path)
+    merges_in_rank_order(model, path)
     name = os.path.basename(os.path.dirname(os.path.abspath(path))) or "tokenizer"
     return tiktoken.Encoding(name, pat_str=pattern, mergeable_ranks=ranks, special_tokens=added)
 
@@ -271,9 +271,9 @@ def tokenizer_json(encoding):
     def text(token):
         return "".join(to_char[b] for b in token)
 
-    vocab = {text(token): rank for token, rank in sorted(ranks.items(), key=lambda item: item[1])}
-    merges = [" ".join(text(part) for part in merge_of(token, ranks))
-              for token, _ in sorted(ranks.items(), key=lambda item: item[1]) if len(token) > 1]
+    in_rank_order = sorted(ranks, key=ranks.__getitem__)
+    vocab = {text(token): ranks[token] for token in in_rank_order}
+    merges = [" ".join(text(part) for part in merge_of(token, ranks)) for token in in_rank_order if len(token) > 1]
     added = [{"id": i, "content": t, "single_word": False, "lstrip": False, "rstrip": False, "normalized": False,
               "special": True} for t, i in sorted(encoding._special_tokens.items(), key=lambda item: item[1])]
     return {"version": "1.0", "truncation": None, "padding": None, "added_tokens": added, "normalizer": None,

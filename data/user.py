@@ -10,7 +10,7 @@ Files are UTF-8. Examples are tokenized with the checkpoint's tokenizer, each cl
 answer's (and its EOS) for a demonstration (the prompt is context).
 
     examples = read_examples("my_notes/")                                 # [Example]
-    tokens = tokenize_examples(examples, encoding, eos_id)                # [(tokens, scored)]
+    tokens = tokenize_examples(examples, encoding, eos_id, vocab_size)    # [(tokens, scored)]
     batches = example_batches(tokens, seq_len)                            # [(idx (1, T), scored (1, T))]
 """
 
@@ -95,8 +95,9 @@ def read_examples(path):
     return examples
 
 
-def tokenize_examples(examples, encoding, eos_id):
-    """[(tokens (T,) int64, scored (T,) bool)], each closed by EOS (which is scored with what it closes)."""
+def tokenize_examples(examples, encoding, eos_id, vocab_size=None):
+    """[(tokens (T,) int64, scored (T,) bool)], each closed by EOS (which is scored with what it closes).
+    With vocab_size (the model's), a token past it means the encoding is not the model's: an error."""
     tokenized = []
     for example in examples:
         if example.text:
@@ -107,6 +108,10 @@ def tokenize_examples(examples, encoding, eos_id):
             tokens = prompt + answer + [eos_id]
             scored = [False] * len(prompt) + [True] * (len(answer) + 1)
         tokenized.append((np.array(tokens, dtype=np.int64), np.array(scored, dtype=bool)))
+    largest = max(int(tokens.max()) for tokens, _ in tokenized)
+    if vocab_size is not None and largest >= vocab_size:
+        raise UserError(f"the tokenizer gives token {largest}, outside the model's vocabulary of {vocab_size}: it is "
+                        "not this checkpoint's tokenizer")
     return tokenized
 
 
