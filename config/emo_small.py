@@ -1,6 +1,7 @@
-# EMO on one GPU in ~10 minutes: d 512, 8 layers, GPT-2 tokens, 1200 steps of 32 x 1024 tokens = 39M tokens,
+# EMO at the scale of one GPU: d 512, 8 layers, GPT-2 tokens, 1200 steps of 32 x 1024 tokens = 39M tokens,
 # in the release's regime (docs/method.md): 128 experts of hidden 128 (1 shared), top 8, pools [8, 128],
-# attention masked within documents. Its twin std_small.py differs where the release's twins differ.
+# attention masked within documents. Its twin std_small.py differs in the router only (as std_tiny.py, which
+# says why).
 # python -m data.prepare --tokenizer gpt2 --out data/multidomain_gpt2
 # python train.py config/emo_small.py
 out_dir = "out/emo_small"
@@ -19,7 +20,7 @@ rope_theta = 10000.0
 router = "emo"
 pool_min = 8  # pools of 8..128 experts drawn per document, as the release's (>= 127 routed masks nothing)
 pool_max = 128
-doc_attention = True  # the release masks attention within documents for EMO (its baseline does not)
+doc_attention = True  # as the release's EMO (its baseline does not mask; our twin does: std_tiny.py says why)
 batch_size = 32
 max_steps = 1200
 lr = 2e-3

