@@ -1,8 +1,9 @@
 """
-The report of scripts/gpu_check.sh: reads the steps' exit codes and JSON results in a folder and writes
-gpu_check.json (everything) and summary.md (the figures and the project's targets, met or not).
+The report of scripts/gpu_check.sh: reads the steps' exit codes, JSON results and logs in its work folder and
+writes two files to the output folder (a lent GPU machine sends back only a few): gpu_check.json (every
+result, and the last lines of every step's log) and summary.md (the figures and the project's targets).
 
-    python bench/gpu_report.py out/gpu_check
+    python bench/gpu_report.py WORK_DIR [OUT_DIR]     # OUT_DIR defaults to WORK_DIR
 """
 
 import json
@@ -25,6 +26,15 @@ def steps(folder):
     """[(name, exit code, seconds)] in the order they ran (exit 124: past its time limit)."""
     with open(os.path.join(folder, "steps.txt")) as f:
         return [(name, int(rc), int(s)) for name, rc, s in (line.split() for line in f if line.strip())]
+
+
+def log_tail(folder, name, n_lines=40):
+    """The last n_lines of a step's log: enough to see why it failed."""
+    path = os.path.join(folder, name + ".log")
+    if not os.path.exists(path):
+        return ""
+    with open(path, errors="replace") as f:
+        return "".join(f.readlines()[-n_lines:])
 
 
 def throughput_lines(name, result):
@@ -54,6 +64,8 @@ def kernel_lines(result):
 
 def main():
     folder = sys.argv[1]
+    out = sys.argv[2] if len(sys.argv) > 2 else folder
+    os.makedirs(out, exist_ok=True)
     names = ("kernels", "small", "small_compiled", "full_slice", "full_slice_compiled")
     results = {name: read_json(folder, name) for name in names}
     ran = steps(folder)
@@ -65,10 +77,11 @@ def main():
     for name in names[1:]:
         if name in {n for n, _, _ in ran}:
             lines += throughput_lines(name, results[name])
-    with open(os.path.join(folder, "summary.md"), "w") as f:
+    with open(os.path.join(out, "summary.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
-    with open(os.path.join(folder, "gpu_check.json"), "w") as f:
-        json.dump({"steps": ran, **results}, f, indent=1)
+    logs = {name: log_tail(folder, name) for name, _, _ in ran}
+    with open(os.path.join(out, "gpu_check.json"), "w") as f:
+        json.dump({"steps": ran, **results, "logs": logs}, f, indent=1)
     print("\n".join(lines))
 
 
