@@ -29,7 +29,6 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from tqdm import tqdm
 
 from checkpoint import checkpoint_path, checkpoint_tokenizer, is_hf_checkpoint, load_model, model_name
@@ -75,11 +74,10 @@ def evaluate_windows(model, x, y, batch_size, device, autocast_dtype=torch.float
         if len(xb) == 0:  # nothing left for this rank: a dummy pass with nothing scored
             xb, yb = x[:1].to(device), torch.full_like(x[:1], -1).to(device)
         with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype != torch.float32):
-            logits, _, _ = model(xb, token_routing=True)
-        scored = yb != -1
-        loss = F.cross_entropy(logits.float().flatten(0, 1), yb.flatten(), ignore_index=-1, reduction="sum")
-        correct = ((logits.argmax(-1) == yb) & scored).sum()
-        sums += torch.stack([loss.double(), correct.double(), scored.sum().double()])
+            _, _, stats = model(xb, yb, token_routing=True)  # the loss a chunk of logits at a time (lm_loss.py)
+        scored = (yb != -1).sum().double()
+        correct = (stats["lm_accuracy"].double() * scored).round()  # a count again (float32 mean x count)
+        sums += torch.stack([stats["lm_loss"].double() * scored, correct, scored])
     if world > 1:
         dist.all_reduce(sums)
     model.train(was_training)

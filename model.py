@@ -243,13 +243,11 @@ class EMO(nn.Module):
         active_matmul = self.num_params()[1] - self.embed.weight.numel()
         return 6 * active_matmul + 12 * cfg.n_layer * cfg.d_model * T
 
-    def forward(self, idx, targets=None, token_routing=False, cache=None):
-        """idx (B, T) token ids, targets (B, T) next tokens (-1 = ignore) or None; with a KVCache, idx are the
-        tokens after those cached (and the model routes token by token, as at inference).
-        Returns (logits (B, T, V), None, stats) without targets, (None, loss to optimise, stats) with them
-        (the loss never holds all logits at once). stats: lb_loss, z_loss (averaged over layers),
-        expert_counts (one (Er,) tensor per layer), pool_size, and given targets lm_loss (cross-entropy) and
-        lm_z_loss."""
+    def hidden_states(self, idx, token_routing=False, cache=None):
+        """The transformer without its head: idx (B, T) -> (final hidden states (B, T, C) after the last
+        RMSNorm, stats). With a KVCache, idx are the tokens after those cached (and the model routes token by
+        token, as at inference). stats: lb_loss, z_loss (averaged over layers), expert_counts (one (Er,) tensor
+        per layer), pool_size. (Callers that need the logits of a few positions only apply lm_head to those.)"""
         B, T = idx.shape
         start = 0 if cache is None else cache.length
         all_doc_ids = document_ids(idx if cache is None else cache.add_tokens(idx), self.cfg.eos_id)  # (B, S)
@@ -275,12 +273,19 @@ class EMO(nn.Module):
             "expert_counts": [r.expert_counts for r in routings],  # a list: pruned layers may differ in size
             "pool_size": torch.stack([r.pool_size for r in routings]).mean(),
         }
-        x = self.norm(x)
+        return self.norm(x), stats
+
+    def forward(self, idx, targets=None, token_routing=False, cache=None):
+        """idx (B, T) token ids, targets (B, T) next tokens (-1 = ignore) or None; token_routing and cache as in
+        hidden_states. Returns (logits (B, T, V), None, stats) without targets, (None, loss to optimise, stats)
+        with them (the loss never holds all logits at once). stats: those of hidden_states, and given targets
+        lm_loss (cross-entropy), lm_z_loss and lm_accuracy (next-token accuracy), each a mean over targets."""
+        x, stats = self.hidden_states(idx, token_routing, cache)
         if targets is None:
             return self.lm_head(x).float(), None, stats  # (B, T, V)
         # (the loss never holds all (B*T, V) logits: lm_loss.py)
-        lm, stats["lm_loss"], stats["lm_z_loss"] = lm_loss(x.flatten(0, 1), self.lm_head.weight,
-                                                           targets.reshape(-1), self.cfg.lm_z_weight)
+        lm, stats["lm_loss"], stats["lm_z_loss"], stats["lm_accuracy"] = lm_loss(
+            x.flatten(0, 1), self.lm_head.weight, targets.reshape(-1), self.cfg.lm_z_weight)
         loss = lm + self.cfg.lb_weight * stats["lb_loss"] + self.cfg.z_weight * stats["z_loss"]
         return None, loss, stats
 

@@ -85,6 +85,20 @@ def user_calibration(path, encoding, cfg, n):
     return example_batches(tokenized, cfg.seq_len)[:n]
 
 
+def stack_equal_lengths(batches, rows=16):
+    """Consecutive batches [(idx (1, T), scored (1, T))] of equal T stacked up to rows at a time: [(idx (b, T),
+    scored (b, T))]. With token routing each sequence is computed on its own, so the scores are the same, in
+    fewer, larger passes (task demonstrations all have one length, documents' windows all but the last)."""
+    stacked = []
+    for idx, scored in batches:
+        last = stacked[-1] if stacked else None
+        if last is not None and last[0].shape[1] == idx.shape[1] and len(last[0]) + len(idx) <= rows:
+            stacked[-1] = (torch.cat([last[0], idx]), torch.cat([last[1], scored]))
+        else:
+            stacked.append((idx, scored))
+    return stacked
+
+
 @torch.no_grad()
 def expert_scores(model, batches, method):
     """Score every routed expert of every layer on the calibration batches [(idx (1, T), scored (1, T))], the
@@ -96,8 +110,8 @@ def expert_scores(model, batches, method):
     totals = [torch.zeros(block.moe.router.n_routed, device=device) for block in model.layers]
     n_tokens = 0
     try:
-        for idx, scored in batches:
-            model(idx.to(device), token_routing=True)
+        for idx, scored in stack_equal_lengths(batches):
+            model.hidden_states(idx.to(device), token_routing=True)  # the hooks capture what is scored
             scored = scored.flatten().to(device)
             n_tokens += int(scored.sum())
             for i, block in enumerate(model.layers):

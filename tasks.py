@@ -94,8 +94,9 @@ def log_likelihoods(model, contexts, continuations, batch_size, device):
     sums = []
     for batch in sequences.split(batch_size):
         batch = batch.to(device)
-        logits, _, _ = model(batch[:, :-1], token_routing=True)  # (b, L + A - 1, V)
-        log_probs = F.log_softmax(logits[:, L - 1:].float(), dim=-1)  # the positions predicting the continuation
+        hidden, _ = model.hidden_states(batch[:, :-1], token_routing=True)  # (b, L + A - 1, C)
+        logits = model.lm_head(hidden[:, L - 1:]).float()  # (b, A, V) only the positions predicting the continuation
+        log_probs = F.log_softmax(logits, dim=-1)
         sums.append(log_probs.gather(2, batch[:, L:, None])[..., 0].sum(1).cpu())
     model.train(was_training)
     return torch.cat(sums)

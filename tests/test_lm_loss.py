@@ -1,4 +1,4 @@
-"""The chunked LM loss (lm_loss.py) against the plain computation: loss, cross-entropy, z-loss and the
+"""The chunked LM loss (lm_loss.py) against the plain computation: loss, cross-entropy, z-loss, accuracy and the
 gradients of the hidden states and of the head, over many chunks, with ignored targets, in float32 and under
 bfloat16 autocast, and without gradients.
 
@@ -26,19 +26,19 @@ def test_chunked_loss_and_gradients_equal_the_plain_computation(z_weight):
     results = []
     for fn in (lambda *args: lm_loss(*args, rows=128), lm_loss_reference):  # 700 tokens: 6 chunks
         x.grad = weight.grad = None
-        loss, ce, z = fn(x, weight, targets, z_weight)
+        loss, ce, z, accuracy = fn(x, weight, targets, z_weight)
         (3.0 * loss).backward()  # a non-unit incoming gradient
-        results.append((loss.detach(), ce, z, x.grad.clone(), weight.grad.clone()))
-    for name, a, b in zip(("loss", "ce", "z", "grad x", "grad head"), *results):
+        results.append((loss.detach(), ce, z, accuracy, x.grad.clone(), weight.grad.clone()))
+    for name, a, b in zip(("loss", "ce", "z", "accuracy", "grad x", "grad head"), *results):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=lambda m: f"{name}: {m}")
-    assert (results[0][3][targets == -1] == 0).all()  # an ignored token gets no gradient
+    assert (results[0][4][targets == -1] == 0).all()  # an ignored token gets no gradient
 
 
 def test_under_bfloat16_autocast():
     x, weight, targets = problem(seed=1)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        loss, ce, _ = lm_loss(x, weight, targets, 1e-2, rows=128)
-        reference, ce_reference, _ = lm_loss_reference(x, weight, targets, 1e-2)
+        loss, ce, _, _ = lm_loss(x, weight, targets, 1e-2, rows=128)
+        reference, ce_reference, _, _ = lm_loss_reference(x, weight, targets, 1e-2)
     loss.backward()
     assert x.grad.dtype == torch.float32 and weight.grad.dtype == torch.float32
     torch.testing.assert_close(loss, reference.float(), rtol=2e-2, atol=2e-2)
@@ -48,18 +48,21 @@ def test_under_bfloat16_autocast():
 def test_without_gradients_only_the_loss_is_computed():
     x, weight, targets = problem(seed=2)
     with torch.no_grad():
-        loss, ce, z = lm_loss(x, weight, targets, 1e-2)
+        loss, ce, z, accuracy = lm_loss(x, weight, targets, 1e-2)
     reference = lm_loss_reference(x, weight, targets, 1e-2)
-    torch.testing.assert_close(torch.stack([loss, ce, z]), torch.stack(reference).detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(torch.stack([loss, ce, z, accuracy]), torch.stack(reference).detach(), rtol=1e-5,
+                               atol=1e-6)
+    assert 0 < accuracy < 1
     assert not loss.requires_grad
 
 
-def test_chunks_hold_about_16m_logits():
+def test_chunks_hold_about_16m_logits_on_a_gpu_and_512k_on_a_cpu():
     assert chunk_rows(100352) == 167 and chunk_rows(4096) == 4096 and chunk_rows(10 ** 6) == 128
+    assert chunk_rows(4096, "cpu") == 128 and chunk_rows(100352, "cpu") == 16
 
 
 def test_all_targets_ignored_gives_zero_loss_and_gradient():
     x, weight, targets = problem(N=50, seed=3)
-    loss, _, _ = lm_loss(x, weight, torch.full_like(targets, -1), 1e-2)
+    loss, _, _, _ = lm_loss(x, weight, torch.full_like(targets, -1), 1e-2)
     loss.backward()
     assert loss.item() == 0 and (x.grad == 0).all() and (weight.grad == 0).all()

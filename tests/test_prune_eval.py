@@ -119,6 +119,23 @@ def test_selection_keeps_the_experts_a_domain_uses(method):
         assert [layer["kept"] for layer in layers] == [expected, expected]
 
 
+def test_scores_of_stacked_batches_equal_one_batch_at_a_time(tiny_corpus, tiny_checkpoints):
+    model, _ = load_model(tiny_checkpoints["emo"])
+    text = Corpus(tiny_corpus[0]).domain_tokens("val", "code")
+    batches = as_batches([text[32 * i:32 * (i + 1)] for i in range(5)] + [text[200 + 20 * i:220 + 20 * i]
+                                                                          for i in range(3)])
+    stacked = prune.stack_equal_lengths(batches, rows=2)
+    assert [tuple(idx.shape) for idx, _ in stacked] == [(2, 32), (2, 32), (1, 32), (2, 20), (1, 20)]
+    for method in ("global", "frequency", "easy_ep"):
+        one_at_a_time = [torch.zeros(block.moe.router.n_routed) for block in model.layers]
+        n_tokens = sum(int(scored.sum()) for _, scored in batches)
+        for batch in batches:  # expert_scores stacks what it is given: give it one batch at a time
+            for total, score in zip(one_at_a_time, prune.expert_scores(model, [batch], method)):
+                total += score * int(batch[1].sum()) / n_tokens
+        for a, b in zip(prune.expert_scores(model, batches, method), one_at_a_time):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
 def test_random_selection_is_a_seeded_control():
     model_a, model_b = routed_by_design(), routed_by_design()
     batches = two_domain_batches("A")
