@@ -126,13 +126,15 @@ def attention_mask(doc_ids, n_queries, within_documents):
 
 class KVCache:
     """Keys and values of every layer for the positions generated so far, and their tokens (for document
-    boundaries), up to seq_len positions: with it a new token costs one position, not the whole context."""
+    boundaries), up to positions (default seq_len): with it a new token costs one position, not the whole
+    context."""
 
-    def __init__(self, cfg, batch_size, device, dtype):
-        shape = (batch_size, cfg.n_head, cfg.seq_len, cfg.d_model // cfg.n_head)  # (B, nh, S, hd)
+    def __init__(self, cfg, batch_size, device, dtype, positions=None):
+        positions = positions or cfg.seq_len
+        shape = (batch_size, cfg.n_head, positions, cfg.d_model // cfg.n_head)  # (B, nh, S, hd)
         self.keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layer)]
         self.values = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layer)]
-        self.tokens = torch.zeros(batch_size, cfg.seq_len, dtype=torch.long, device=device)
+        self.tokens = torch.zeros(batch_size, positions, dtype=torch.long, device=device)
         self.length = 0  # positions stored
 
     def add_tokens(self, idx):
@@ -142,6 +144,13 @@ class KVCache:
             raise ValueError(f"the cache holds {self.tokens.shape[1]} positions, {end} were asked")
         self.tokens[:, self.length:end] = idx
         return self.tokens[:, :end]
+
+    def repeat_interleave(self, repeats):
+        """Each sequence's cache, repeats times in a row (batch B -> B * repeats): several continuations of one
+        context then share the context's keys and values instead of computing it again."""
+        self.keys = [k.repeat_interleave(repeats, dim=0) for k in self.keys]
+        self.values = [v.repeat_interleave(repeats, dim=0) for v in self.values]
+        self.tokens = self.tokens.repeat_interleave(repeats, dim=0)
 
     def add(self, layer, k, v):
         """Store layer's keys and values (B, nh, T, hd) of the new positions; all so far (B, nh, length + T, hd)."""
@@ -185,7 +194,7 @@ class MoE(nn.Module):
 
     def forward(self, x, doc_ids, token_routing):
         B, T, C = x.shape
-        routing = self.router(x.view(-1, C), doc_ids.view(-1), token_routing)
+        routing = self.router(x.view(-1, C), doc_ids.reshape(-1), token_routing)  # doc_ids: a slice with a cache
         y = moe_mlp(x.view(-1, C), self.w_up_gate, self.w_down, routing.weights, routing.experts)  # (N, C)
         return y.view(B, T, C), routing
 

@@ -30,6 +30,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from model import KVCache
+
 PASSAGE, ANSWER, CHOICES, ITEMS_PER_DOCUMENT = 64, 16, 4, 2
 
 
@@ -86,18 +88,26 @@ def demonstrations(documents, n, seed=1):
 
 @torch.no_grad()
 def log_likelihoods(model, contexts, continuations, batch_size, device):
-    """(n,) summed log-probabilities of each continuation (n, A) given its context (n, L), token routing."""
-    sequences = torch.cat([contexts, continuations], dim=1)  # (n, L + A)
-    L = contexts.shape[1]
+    """(n * c,) summed log-probabilities of continuations (n * c, A) given their contexts (n, L), c continuations
+    per context in order, routing token by token. A context is computed once for its c continuations: its keys
+    and values (a KVCache) are copied for each. batch_size: sequences per pass."""
+    (n, L), A = contexts.shape, continuations.shape[1]
+    c = len(continuations) // n
+    per_pass = max(1, batch_size // c)  # contexts per pass
     was_training = model.training
     model.eval()
     sums = []
-    for batch in sequences.split(batch_size):
-        batch = batch.to(device)
-        hidden, _ = model.hidden_states(batch[:, :-1], token_routing=True)  # (b, L + A - 1, C)
-        logits = model.lm_head(hidden[:, L - 1:]).float()  # (b, A, V) only the positions predicting the continuation
-        log_probs = F.log_softmax(logits, dim=-1)
-        sums.append(log_probs.gather(2, batch[:, L:, None])[..., 0].sum(1).cpu())
+    for start in range(0, n, per_pass):
+        context = contexts[start:start + per_pass].to(device)  # (b, L)
+        continuation = continuations[start * c:(start + per_pass) * c].to(device)  # (b * c, A)
+        cache = KVCache(model.cfg, len(context), device, model.embed.weight.dtype, positions=L + A)
+        context_hidden, _ = model.hidden_states(context, cache=cache)  # (b, L, C)
+        cache.repeat_interleave(c)
+        continuation_hidden, _ = model.hidden_states(continuation[:, :-1], cache=cache)  # (b * c, A - 1, C)
+        # the positions predicting the continuation: the context's last, then the continuation's own
+        hidden = torch.cat([context_hidden[:, -1:].repeat_interleave(c, dim=0), continuation_hidden], dim=1)
+        log_probs = F.log_softmax(model.lm_head(hidden).float(), dim=-1)  # (b * c, A, V)
+        sums.append(log_probs.gather(2, continuation[..., None])[..., 0].sum(1).cpu())
     model.train(was_training)
     return torch.cat(sums)
 
@@ -105,8 +115,8 @@ def log_likelihoods(model, contexts, continuations, batch_size, device):
 def choice_scores(model, items, batch_size, device):
     """(n_items, CHOICES): log p(choice | passage) - log p(choice | start of a document)."""
     choices = torch.from_numpy(np.stack([c for item in items for c in item.choices]).astype(np.int64))  # (n*4, A)
-    passages = torch.from_numpy(np.stack([item.passage for item in items for _ in item.choices]).astype(np.int64))
-    document_start = torch.full((len(choices), 1), model.cfg.eos_id)  # the EOS that closes the one before
+    passages = torch.from_numpy(np.stack([item.passage for item in items]).astype(np.int64))  # (n, PASSAGE)
+    document_start = torch.full((len(items), 1), model.cfg.eos_id)  # the EOS that closes the one before
     conditional = log_likelihoods(model, passages, choices, batch_size, device)
     unconditional = log_likelihoods(model, document_start, choices, batch_size, device)
     return (conditional - unconditional).view(len(items), CHOICES)
