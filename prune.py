@@ -89,14 +89,13 @@ def stack_equal_lengths(batches, rows=16):
     """Consecutive batches [(idx (1, T), scored (1, T))] of equal T stacked up to rows at a time: [(idx (b, T),
     scored (b, T))]. With token routing each sequence is computed on its own, so the scores are the same, in
     fewer, larger passes (task demonstrations all have one length, documents' windows all but the last)."""
-    stacked = []
-    for idx, scored in batches:
-        last = stacked[-1] if stacked else None
-        if last is not None and last[0].shape[1] == idx.shape[1] and len(last[0]) + len(idx) <= rows:
-            stacked[-1] = (torch.cat([last[0], idx]), torch.cat([last[1], scored]))
+    groups = []  # runs of consecutive batches of one length, at most rows each
+    for batch in batches:
+        if groups and groups[-1][0][0].shape[1] == batch[0].shape[1] and len(groups[-1]) < rows:
+            groups[-1].append(batch)
         else:
-            stacked.append((idx, scored))
-    return stacked
+            groups.append([batch])
+    return [(torch.cat([idx for idx, _ in group]), torch.cat([scored for _, scored in group])) for group in groups]
 
 
 @torch.no_grad()
