@@ -36,11 +36,11 @@ train-%: corpus
 
 # one model's sweep (both models' pruning and evaluation are independent: one per core)
 sweep-%: corpus
-	$(KEEP_FREED_MEMORY) OMP_NUM_THREADS=1 $(PY) eval.py --sweep --ckpt out/$* --out out/sweeps/$* > out/sweeps_$*.log 2>&1
+	$(KEEP_FREED_MEMORY) OMP_NUM_THREADS=1 $(PY) sweep.py --ckpt out/$* --out out/sweeps/$* > out/sweeps_$*.log 2>&1
 
 demo: corpus
 	$(MAKE) -j2 train-emo_tiny train-std_tiny
 	mkdir -p out
 	$(MAKE) -j2 sweep-emo_tiny sweep-std_tiny
 	$(PY) report.py --combine out/sweeps/emo_tiny,out/sweeps/std_tiny --out out/sweep_tiny
-	$(PY) eval.py --curves --ckpt out/emo_tiny,out/std_tiny --out out/sweep_tiny
+	$(PY) report.py --curves out/emo_tiny,out/std_tiny --out out/sweep_tiny

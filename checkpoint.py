@@ -3,7 +3,7 @@ Checkpoints of nanoEMO: one torch file holding everything needed to rebuild a mo
 run to continue exactly where it stopped; and loading a model from any checkpoint, ours or the release's.
 
     {"model_config": {...}, "model": state_dict, "step": int, "tokenizer": {...}, ...}
-        # train.py adds optimizer, RNG, data position; prune.py adds "pruning"
+        # train.py adds optimizer, RNG, data position (training_state); prune.py adds "pruning"
 Written atomically: to a temporary file in the same directory, flushed to disk, then renamed over the old
 one, so a write killed half-way leaves the previous checkpoint intact.
 
@@ -18,8 +18,9 @@ import os
 import pickle
 
 import torch
+import torch.distributed as dist
 
-from data.tokenizer import encoding_for, encoding_from_record, read_tokenizer_json, tokenizer_record
+from data.tokenizer import from_record, load_tokenizer, tokenizer_record
 from errors import UserError, run_command
 from hf import DTYPES, export_hf, load_hf, resolve_folder
 from model import EMO, ModelConfig
@@ -79,6 +80,15 @@ def check_shapes(model, state_dict, source):
                         f"{' unexpected ' + ', '.join(sorted(unexpected)[:4]) if unexpected else ''}")
 
 
+def checkpoint_paths(spec):
+    """--ckpt's comma-separated checkpoints, each checked to exist (a Hugging Face hub id is fetched later)."""
+    paths = spec.split(",")
+    for path in paths:
+        if not is_hf_checkpoint(path):
+            checkpoint_path(path)
+    return paths
+
+
 def model_name(path):
     """A short label for a checkpoint: out/emo_tiny -> emo_tiny, out/x/ckpt.pt -> x, allenai/Emo -> Emo."""
     path = os.path.normpath(path)
@@ -100,8 +110,7 @@ def load_model(path, device="cpu"):
         folder = resolve_folder(path)
         model = load_hf(folder, device, name=path)
         tokenizer_file = os.path.join(folder, "tokenizer.json")
-        tokenizer = (tokenizer_record(read_tokenizer_json(tokenizer_file), "tokenizer.json")
-                     if os.path.exists(tokenizer_file) else None)
+        tokenizer = tokenizer_record(tokenizer_file) if os.path.exists(tokenizer_file) else None
         return model, {"model_config": dataclasses.asdict(model.cfg), "step": None, "tokenizer": tokenizer}
     ckpt = load_checkpoint(path)
     cfg = ModelConfig(**ckpt["model_config"])
@@ -113,19 +122,53 @@ def load_model(path, device="cpu"):
     return model.eval(), ckpt
 
 
-def recorded_tokenizer(ckpt):
-    """The tiktoken encoding a checkpoint records, or None."""
-    return encoding_from_record(ckpt["tokenizer"]) if ckpt.get("tokenizer") else None
-
-
 def checkpoint_tokenizer(ckpt, given, path):
     """The tiktoken encoding to use with a checkpoint: the one given (gpt2, cl100k_base, dolma2, a rank file
     or a tokenizer.json), else the one the checkpoint records."""
-    encoding = encoding_for(given) if given else recorded_tokenizer(ckpt)
+    encoding = load_tokenizer(given) if given else from_record(ckpt.get("tokenizer"))
     if encoding is None:
         raise UserError(f"{path} records no tokenizer: give --tokenizer (gpt2, cl100k_base, dolma2, a rank file or "
                         "a tokenizer.json)")
     return encoding
+
+
+# A training run's state (train.py): the model and optimizer unsharded whatever the parallelism, and every
+# rank's RNG, so that a resumed run continues exactly.
+
+def full_state(raw, optimizer):
+    """Unsharded model and optimizer state on the CPU, whatever the parallelism; a collective under FSDP."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return get_state_dict(raw, optimizer, options=options)
+
+
+def load_full_state(raw, optimizer, model_state, optim_state=None):
+    """Load unsharded state (model, and optimizer when given) into any parallelism; FSDP keeps its shards."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_state_dict
+    options = StateDictOptions(full_state_dict=True)
+    if optim_state is None:
+        set_model_state_dict(raw, model_state, options=options)
+    else:
+        set_state_dict(raw, optimizer, model_state_dict=model_state, optim_state_dict=optim_state, options=options)
+
+
+def rng_state(device):
+    return {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
+
+
+def set_rng_state(state, device):
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] is not None:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def all_ranks_rng_states(device, world):
+    """Every rank's RNG state, gathered (a collective when world > 1): [state of rank 0, ...]."""
+    if world == 1:
+        return [rng_state(device)]
+    states = [None] * world
+    dist.all_gather_object(states, rng_state(device))
+    return states
 
 
 def main(argv=None):
@@ -135,7 +178,8 @@ def main(argv=None):
     parser.add_argument("--dtype", default="bfloat16", choices=list(DTYPES))
     args = parser.parse_args(argv)
     model, ckpt = load_model(args.ckpt)
-    export_hf(model, args.hf_out, DTYPES[args.dtype], tokenizer=recorded_tokenizer(ckpt), pruning=ckpt.get("pruning"))
+    export_hf(model, args.hf_out, DTYPES[args.dtype], tokenizer=from_record(ckpt.get("tokenizer")),
+              pruning=ckpt.get("pruning"))
     print(f"wrote {args.hf_out}: {model.cfg.n_experts} experts x {model.cfg.n_layer} layers, {args.dtype}")
 
 

@@ -23,7 +23,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from data.tokenizer import tokenizer_json
+from data.tokenizer_json import write_tokenizer_json
 from errors import UserError
 from model import EMO, ModelConfig
 
@@ -215,8 +215,7 @@ def export_hf(model, folder, dtype=None, layers_per_shard=4, tokenizer=None, pru
     with open(os.path.join(folder, "config.json"), "w") as f:
         json.dump(hf_config(model.cfg, dtype), f, indent=1)
     if tokenizer is not None:
-        with open(os.path.join(folder, "tokenizer.json"), "w", encoding="utf-8") as f:
-            json.dump(tokenizer_json(tokenizer), f, ensure_ascii=False)
+        write_tokenizer_json(tokenizer, os.path.join(folder, "tokenizer.json"))
     if pruning is not None:
         n_original, n_shared = pruning["original_n_experts"], model.cfg.n_shared
         shared = list(range(n_original - n_shared, n_original))

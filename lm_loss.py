@@ -35,16 +35,15 @@ def lm_loss_reference(x, weight, targets, z_weight):
     return ce + z_weight * z, ce.detach(), z.detach(), accuracy
 
 
-def chunk_rows(vocab_size, device_type="cuda"):
-    """Tokens per chunk. On a GPU about 16M float32 logits (64 MB) at a time, at least 128 tokens: big GEMMs.
-    On a CPU about 512K (2 MB), at least 128 tokens: a small vocabulary's chunk then stays in a core's cache
-    and below glibc's mmap threshold, so its buffers are reused instead of page-faulted in afresh, and the head's
-    gradient (a GEMM summing over the chunk's tokens) still has enough of them. Measured on the 2-core CPU, one
-    forward and backward: at vocabulary 4096 (emo_tiny) 4096-token chunks took 1.3-1.9x as long as 128-token
-    ones; at vocabulary 100,352, 16-token chunks took 3.2x as long as 128-token ones."""
-    if device_type == "cpu":
-        return max(128, 2 ** 19 // vocab_size)
-    return max(128, 2 ** 24 // vocab_size)
+# float32 logits a chunk holds: big GEMMs on a GPU (64 MB); on a CPU a chunk that stays in a core's cache and
+# below glibc's mmap threshold (2 MB), whose buffers are then reused (bench/lm_loss.py has the measurements)
+LOGITS_PER_CHUNK = {"cpu": 2 ** 19, "cuda": 2 ** 24}
+
+
+def chunk_rows(vocab_size, device_type):
+    """Tokens per chunk: LOGITS_PER_CHUNK of the device's logits, at least 128 tokens (the head's gradient sums
+    over a chunk's tokens: it needs enough of them)."""
+    return max(128, LOGITS_PER_CHUNK.get(device_type, LOGITS_PER_CHUNK["cuda"]) // vocab_size)
 
 
 class ChunkedLMLoss(torch.autograd.Function):
@@ -67,7 +66,7 @@ class ChunkedLMLoss(torch.autograd.Function):
                 logits = F.linear(xs, w_c).float()  # (n, V), the only logits alive
                 picked = logits.gather(1, ts.clamp(min=0)[:, None])[:, 0]  # (n,) logit of each target
                 top = logits.amax(dim=-1)  # (n,)
-                correct += ((picked >= top) * valid).sum()  # (amax: argmax is over 10x slower on a CPU)
+                correct += ((picked >= top) * valid).sum()  # a tie counts, as in the reference
                 exp = logits.sub_(top[:, None]).exp_()  # (n, V) in place: exp(logits - top)
                 sum_exp = exp.sum(dim=-1)  # (n,)
                 lse = top + sum_exp.log()  # (n,) logsumexp

@@ -17,8 +17,12 @@ Shape letters used across the project:
 
     from model import ModelConfig, EMO
     model = EMO(ModelConfig(vocab_size=4096, eos_id=0))
-    _, loss, stats = model(idx, targets)     # training: the loss (logits are never all held at once)
-    logits, _, _ = model(idx)                # inference: logits (B, T, V)
+    loss, stats = model(idx, targets)        # training: the loss (logits are never all held at once), stats
+    logits = model(idx)                      # inference: logits (B, T, V)
+
+EMO is the name of the architecture; with router='std' the same class is the standard-MoE baseline.
+How tokens are routed follows the module's mode: training draws EMO's pools, eval mode routes token by token
+(or with pools of pool_eval experts when it is set), as the release does at inference.
 """
 
 from dataclasses import dataclass
@@ -26,7 +30,6 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
 from errors import UserError
 from kernels import moe_mlp
@@ -124,40 +127,51 @@ def attention_mask(doc_ids, n_queries, within_documents):
     return mask[:, None]
 
 
+class LayerCache:
+    """One layer's keys and values (B, nh, S, hd) for the positions computed so far."""
+
+    def __init__(self, shape, device, dtype):
+        self.keys = torch.zeros(shape, device=device, dtype=dtype)
+        self.values = torch.zeros(shape, device=device, dtype=dtype)
+        self.length = 0  # positions stored
+
+    def add(self, k, v):
+        """Store the keys and values (B, nh, T, hd) of the new positions; all so far (B, nh, length + T, hd)."""
+        end = self.length + k.shape[2]
+        self.keys[:, :, self.length:end] = k
+        self.values[:, :, self.length:end] = v
+        self.length = end
+        return self.keys[:, :, :end], self.values[:, :, :end]
+
+
 class KVCache:
     """Keys and values of every layer for the positions generated so far, and their tokens (for document
     boundaries), up to positions (default seq_len): with it a new token costs one position, not the whole
-    context."""
+    context. A cached model routes token by token: the cache holds no whole documents to pool over."""
 
     def __init__(self, cfg, batch_size, device, dtype, positions=None):
         positions = positions or cfg.seq_len
         shape = (batch_size, cfg.n_head, positions, cfg.d_model // cfg.n_head)  # (B, nh, S, hd)
-        self.keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layer)]
-        self.values = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layer)]
+        self.layers = [LayerCache(shape, device, dtype) for _ in range(cfg.n_layer)]
         self.tokens = torch.zeros(batch_size, positions, dtype=torch.long, device=device)
         self.length = 0  # positions stored
 
     def add_tokens(self, idx):
-        """Record the new tokens idx (B, T); returns all tokens so far (B, length + T)."""
-        end = self.length + idx.shape[1]
+        """Record the new tokens idx (B, T); returns the position of the first and all tokens so far (B, S)."""
+        start, end = self.length, self.length + idx.shape[1]
         if end > self.tokens.shape[1]:
             raise ValueError(f"the cache holds {self.tokens.shape[1]} positions, {end} were asked")
-        self.tokens[:, self.length:end] = idx
-        return self.tokens[:, :end]
+        self.tokens[:, start:end] = idx
+        self.length = end
+        return start, self.tokens[:, :end]
 
     def repeat_interleave(self, repeats):
         """Each sequence's cache, repeats times in a row (batch B -> B * repeats): several continuations of one
-        context then share the context's keys and values instead of computing it again."""
-        self.keys = [k.repeat_interleave(repeats, dim=0) for k in self.keys]
-        self.values = [v.repeat_interleave(repeats, dim=0) for v in self.values]
+        context then share the context's keys and values instead of computing it again (tasks.py)."""
+        for layer in self.layers:
+            layer.keys = layer.keys.repeat_interleave(repeats, dim=0)
+            layer.values = layer.values.repeat_interleave(repeats, dim=0)
         self.tokens = self.tokens.repeat_interleave(repeats, dim=0)
-
-    def add(self, layer, k, v):
-        """Store layer's keys and values (B, nh, T, hd) of the new positions; all so far (B, nh, length + T, hd)."""
-        end = self.length + k.shape[2]
-        self.keys[layer][:, :, self.length:end] = k
-        self.values[layer][:, :, self.length:end] = v
-        return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
 
 
 class Attention(nn.Module):
@@ -167,13 +181,13 @@ class Attention(nn.Module):
         self.n_head = cfg.n_head
         self.q_proj, self.k_proj, self.v_proj, self.o_proj = (nn.Linear(C, C, bias=False) for _ in range(4))
 
-    def forward(self, x, cos, sin, attn_mask, cache=None, layer=0):
+    def forward(self, x, cos, sin, attn_mask, cache=None):
         B, T, C = x.shape
         q, k, v = (proj(x).view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hd)
                    for proj in (self.q_proj, self.k_proj, self.v_proj))
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
-            k, v = cache.add(layer, k, v)  # (B, nh, S, hd) every position so far
+            k, v = cache.add(k, v)  # (B, nh, S, hd) every position so far
         if attn_mask is None:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         else:
@@ -187,14 +201,14 @@ class MoE(nn.Module):
     def __init__(self, cfg, n_experts):
         super().__init__()
         E, C, H = n_experts, cfg.d_model, cfg.expert_hidden
-        self.router = Router(C, E, cfg.n_shared, min(cfg.top_k, E), cfg.router, cfg.pool_min, cfg.pool_max,
-                             cfg.pool_eval)
+        self.router = Router(cfg, E)
         self.w_up_gate = nn.Parameter(torch.empty(E, C, 2 * H))  # gate then up projection, input x output
         self.w_down = nn.Parameter(torch.empty(E, H, C))
 
-    def forward(self, x, doc_ids, token_routing):
+    def forward(self, x, doc_ids):
+        """x (B, T, C), doc_ids (B, T) or None (token routing) -> (MoE output (B, T, C), Routing)."""
         B, T, C = x.shape
-        routing = self.router(x.view(-1, C), doc_ids.reshape(-1), token_routing)  # doc_ids: a slice with a cache
+        routing = self.router(x.view(-1, C), None if doc_ids is None else doc_ids.flatten())
         y = moe_mlp(x.view(-1, C), self.w_up_gate, self.w_down, routing.weights, routing.experts)  # (N, C)
         return y.view(B, T, C), routing
 
@@ -207,9 +221,9 @@ class Block(nn.Module):
         self.moe_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.moe = MoE(cfg, n_experts)
 
-    def forward(self, x, cos, sin, attn_mask, doc_ids, token_routing, cache=None, layer=0):
-        x = x + self.attn(self.attn_norm(x), cos, sin, attn_mask, cache, layer)
-        y, routing = self.moe(self.moe_norm(x), doc_ids, token_routing)
+    def forward(self, x, cos, sin, attn_mask, doc_ids, cache=None):
+        x = x + self.attn(self.attn_norm(x), cos, sin, attn_mask, cache)
+        y, routing = self.moe(self.moe_norm(x), doc_ids)
         return x + y, routing
 
 
@@ -221,8 +235,6 @@ class EMO(nn.Module):
         self.layers = nn.ModuleList(Block(cfg, n_experts) for n_experts in cfg.layer_experts())
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
-        # training switch: keep only each block's input for the backward and recompute the rest there
-        self.activation_checkpointing = False
         if not any(p.is_meta for p in self.parameters()):
             self.init_weights()
 
@@ -252,30 +264,24 @@ class EMO(nn.Module):
         active_matmul = self.num_params()[1] - self.embed.weight.numel()
         return 6 * active_matmul + 12 * cfg.n_layer * cfg.d_model * T
 
-    def hidden_states(self, idx, token_routing=False, cache=None):
+    def hidden_states(self, idx, cache=None):
         """The transformer without its head: idx (B, T) -> (final hidden states (B, T, C) after the last
-        RMSNorm, stats). With a KVCache, idx are the tokens after those cached (and the model routes token by
-        token, as at inference). stats: lb_loss, z_loss (averaged over layers), expert_counts (one (Er,) tensor
-        per layer), pool_size. (Callers that need the logits of a few positions only apply lm_head to those.)"""
-        B, T = idx.shape
-        start = 0 if cache is None else cache.length
-        all_doc_ids = document_ids(idx if cache is None else cache.add_tokens(idx), self.cfg.eos_id)  # (B, S)
-        doc_ids = all_doc_ids[:, -T:]  # (B, T)
+        RMSNorm, stats). With a KVCache, idx are the tokens after those cached. stats: lb_loss, z_loss
+        (averaged over layers), expert_counts (one (Er,) tensor per layer), pool_size. (Callers that need the
+        logits of a few positions only apply lm_head to those.)"""
+        T = idx.shape[1]
+        start, all_tokens = (0, idx) if cache is None else cache.add_tokens(idx)
+        all_doc_ids = document_ids(all_tokens, self.cfg.eos_id)  # (B, S)
         attn_mask = None  # causal attention, the fast path
         if self.cfg.doc_attention or cache is not None:
             attn_mask = attention_mask(all_doc_ids, T, self.cfg.doc_attention)
         cos, sin = rope_tables(self.cfg.d_model // self.cfg.n_head, T, self.cfg.rope_theta, idx.device, start)
-        token_routing = token_routing or cache is not None
+        doc_ids = all_doc_ids if cache is None else None  # (B, T) for the router's pools; None: token routing
         x = self.embed(idx)  # (B, T, C)
         routings = []
-        for layer, block in enumerate(self.layers):
-            if self.activation_checkpointing and torch.is_grad_enabled():  # the recompute redraws the same pools
-                x, routing = checkpoint(block, x, cos, sin, attn_mask, doc_ids, token_routing, use_reentrant=False)
-            else:
-                x, routing = block(x, cos, sin, attn_mask, doc_ids, token_routing, cache, layer)
+        for i, block in enumerate(self.layers):
+            x, routing = block(x, cos, sin, attn_mask, doc_ids, None if cache is None else cache.layers[i])
             routings.append(routing)
-        if cache is not None:
-            cache.length += T
         stats = {
             "lb_loss": torch.stack([r.lb_loss for r in routings]).mean(),
             "z_loss": torch.stack([r.z_loss for r in routings]).mean(),
@@ -284,38 +290,40 @@ class EMO(nn.Module):
         }
         return self.norm(x), stats
 
-    def forward(self, idx, targets=None, token_routing=False, cache=None):
-        """idx (B, T) token ids, targets (B, T) next tokens (-1 = ignore) or None; token_routing and cache as in
-        hidden_states. Returns (logits (B, T, V), None, stats) without targets, (None, loss to optimise, stats)
-        with them (the loss never holds all logits at once). stats: those of hidden_states, and given targets
-        lm_loss (cross-entropy), lm_z_loss and lm_accuracy (next-token accuracy), each a mean over targets."""
-        x, stats = self.hidden_states(idx, token_routing, cache)
+    def forward(self, idx, targets=None, cache=None):
+        """idx (B, T) token ids -> logits (B, T, V) float32. With targets (B, T) (next tokens, -1 = ignore):
+        (loss to optimise, stats) instead, the loss made a chunk of logits at a time (lm_loss.py), never
+        holding all of them. stats: those of hidden_states, and lm_loss (cross-entropy), lm_z_loss and
+        lm_accuracy (next-token accuracy), each a mean over the targets."""
+        x, stats = self.hidden_states(idx, cache)
         if targets is None:
-            return self.lm_head(x).float(), None, stats  # (B, T, V)
-        # (the loss never holds all (B*T, V) logits: lm_loss.py)
+            return self.lm_head(x).float()
         lm, stats["lm_loss"], stats["lm_z_loss"], stats["lm_accuracy"] = lm_loss(
             x.flatten(0, 1), self.lm_head.weight, targets.reshape(-1), self.cfg.lm_z_weight)
         loss = lm + self.cfg.lb_weight * stats["lb_loss"] + self.cfg.z_weight * stats["z_loss"]
-        return None, loss, stats
+        return loss, stats
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, sample_top_k=None, use_cache=True):
-        """Sample max_new_tokens after idx (B, T), routing token by token (no pool), as the release does at
-        inference. temperature 0 takes the most likely token; sample_top_k keeps only the most likely tokens.
-        With use_cache a KVCache makes each new token cost one position while the sequence fits in seq_len;
-        past it the context window slides (positions change: nothing to reuse), as without the cache."""
+        """Sample max_new_tokens after idx (B, T) in eval mode (token routing, as the release at inference).
+        temperature 0 takes the most likely token; sample_top_k keeps only the most likely tokens. With
+        use_cache a KVCache makes each new token cost one position while the sequence fits in seq_len; past
+        it the context window slides (positions change: nothing to reuse), as without the cache."""
+        was_training = self.training
+        self.eval()
         cache = None
         for _ in range(max_new_tokens):
             if use_cache and idx.shape[1] <= self.cfg.seq_len:
                 if cache is None:  # the prompt, all at once
                     cache = KVCache(self.cfg, idx.shape[0], idx.device, self.embed.weight.dtype)
-                    logits, _, _ = self(idx, cache=cache)
+                    logits = self(idx, cache=cache)
                 else:
-                    logits, _, _ = self(idx[:, -1:], cache=cache)
+                    logits = self(idx[:, -1:], cache=cache)
             else:
-                logits, _, _ = self(idx[:, -self.cfg.seq_len:], token_routing=True)
+                logits = self(idx[:, -self.cfg.seq_len:])
             next_token = pick_token(logits[:, -1], temperature, sample_top_k)  # (B, 1)
             idx = torch.cat([idx, next_token], dim=1)
+        self.train(was_training)
         return idx
 
 

@@ -39,78 +39,64 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from checkpoint import checkpoint_tokenizer, load_model, model_name, recorded_tokenizer, save_checkpoint
+from checkpoint import checkpoint_tokenizer, load_model, model_name, save_checkpoint
+from data.tokenizer import from_record
+from model import ModelConfig
 from data.corpus import Corpus
-from data.user import example_batches, read_examples, tokenize_examples
+from data.user import calibration_batches
 from errors import UserError, run_command
 from hf import export_hf
 from kernels import swiglu
-from tasks import ANSWER, PASSAGE, demonstrations
+from tasks import demonstrations
 
 METHODS = ("greedy", "global", "frequency", "easy_ep", "random")
 
 
-def parse_keep(text, n_original, n_shared):
-    """'0.125' (a fraction of the original experts) or '4' (a count) -> experts to keep, shared included."""
-    if "." in text:
-        fraction = float(text)
-        if not 0 < fraction <= 1:
-            raise UserError(f"--keep {text}: a fraction must be in (0, 1]")
-        keep = round(fraction * n_original)
-    else:
-        keep = int(text)
-    if keep < 1:
-        raise UserError(f"--keep {text} keeps {keep} experts: at least 1 is needed")
-    if keep <= n_shared:
-        raise UserError(f"--keep {text} keeps {keep} experts, no more than the {n_shared} shared: "
+def keep_count(keep, n_original, n_shared):
+    """Experts to keep, shared included: keep is a fraction of the original experts (a float: 0.125, 1.0) or a
+    count (an int: 8)."""
+    count = round(keep * n_original) if isinstance(keep, float) else keep
+    if isinstance(keep, float) and not 0 < keep <= 1:
+        raise UserError(f"--keep {keep}: a fraction must be in (0, 1]")
+    if count < 1:
+        raise UserError(f"--keep {keep} keeps {count} experts: at least 1 is needed")
+    if count <= n_shared:
+        raise UserError(f"--keep {keep} keeps {count} experts, no more than the {n_shared} shared: "
                         "keep at least one routed expert")
-    if keep > n_original:
-        raise UserError(f"--keep {text}: the model has only {n_original} experts")
-    return keep
+    if count > n_original:
+        raise UserError(f"--keep {keep}: the model has only {n_original} experts")
+    return count
 
 
-def corpus_calibration(corpus, domain, n):
-    """n task demonstrations of a built-in domain (tasks.py), from its calibration documents:
-    [(idx (1, T), scored (1, T))]."""
-    demos = demonstrations(corpus.documents("calib", domain), n)
-    if not demos:
-        raise UserError(f"domain {domain!r} has no calibration document long enough for a demonstration "
-                        f"({PASSAGE + ANSWER + 1} tokens)")
-    return demos
-
-
-def user_calibration(path, encoding, cfg, n):
-    """The first n calibration batches of the user's text (data/user.py), tokenized with encoding."""
-    tokenized = tokenize_examples(read_examples(path), encoding, cfg.eos_id, cfg.vocab_size)
-    return example_batches(tokenized, cfg.seq_len)[:n]
-
-
-def stack_equal_lengths(batches, rows=16):
-    """Consecutive batches [(idx (1, T), scored (1, T))] of equal T stacked up to rows at a time: [(idx (b, T),
-    scored (b, T))]. With token routing each sequence is computed on its own, so the scores are the same, in
-    fewer, larger passes (task demonstrations all have one length, documents' windows all but the last)."""
-    groups = []  # runs of consecutive batches of one length, at most rows each
-    for batch in batches:
-        if groups and groups[-1][0][0].shape[1] == batch[0].shape[1] and len(groups[-1]) < rows:
-            groups[-1].append(batch)
-        else:
-            groups.append([batch])
-    return [(torch.cat([idx for idx, _ in group]), torch.cat([scored for _, scored in group])) for group in groups]
+def parse_keep(text):
+    """--keep's text: '0.125' (with a decimal point) is a fraction, '8' a count."""
+    try:
+        return float(text) if "." in text else int(text)
+    except ValueError:
+        raise UserError(f"--keep {text!r}: give a fraction (0.125) or a count (8)") from None
 
 
 @torch.no_grad()
 def expert_scores(model, batches, method):
-    """Score every routed expert of every layer on the calibration batches [(idx (1, T), scored (1, T))], the
-    mean over the scored tokens: a list of (Er,) tensors."""
-    captured = {}  # per layer: the MoE's (input, output, routing)
-    hooks = [block.moe.register_forward_hook(lambda module, args, out, i=i: captured.__setitem__(i, (args[0], *out)))
-             for i, block in enumerate(model.layers)]
+    """Score every routed expert of every layer on the calibration batches [(idx (b, T), scored (b, T))], the
+    mean over the scored tokens: a list of (Er,) tensors. Routing is token by token (eval mode), so each
+    sequence of a batch is computed on its own."""
+    captured = {}  # per layer: the MoE's (input, output, routing) of the batch just run
+
+    def capture(i):
+        def hook(module, args, output):
+            captured[i] = (args[0], *output)
+        return hook
+
+    hooks = [block.moe.register_forward_hook(capture(i)) for i, block in enumerate(model.layers)]
     device = model.embed.weight.device
     totals = [torch.zeros(block.moe.router.n_routed, device=device) for block in model.layers]
     n_tokens = 0
+    was_training = model.training
+    model.eval()
     try:
-        for idx, scored in stack_equal_lengths(batches):
-            model.hidden_states(idx.to(device), token_routing=True)  # the hooks capture what is scored
+        for idx, scored in batches:
+            model.hidden_states(idx.to(device))  # the hooks capture what is scored
             scored = scored.flatten().to(device)
             n_tokens += int(scored.sum())
             for i, block in enumerate(model.layers):
@@ -118,6 +104,7 @@ def expert_scores(model, batches, method):
     finally:
         for hook in hooks:
             hook.remove()
+        model.train(was_training)
     return [t.cpu() / max(n_tokens, 1) for t in totals]
 
 
@@ -149,17 +136,15 @@ def layer_score(moe, moe_input, moe_output, routing, scored, method):
 
 
 def prune_layer(moe, routed_ids):
-    """Keep the routed experts routed_ids (sorted, layer-local) and the shared ones; slice the rest away."""
+    """Keep the routed experts routed_ids (sorted, layer-local) and the shared ones; slice the rest away. The
+    layer's sizes follow from the sliced shapes (the router reads its own from its gate)."""
     router = moe.router
     keep = torch.cat([routed_ids, torch.arange(router.n_routed, router.n_routed + router.n_shared)])
     keep = keep.to(router.gate.weight.device)
-    gate = nn.Linear(router.gate.in_features, len(keep), bias=False, device="meta")
-    gate.weight = nn.Parameter(router.gate.weight.data[keep].clone())
-    router.gate = gate  # a new Linear: in_features/out_features describe the sliced weight
+    router.gate.weight = nn.Parameter(router.gate.weight.data[keep].clone())
+    router.gate.out_features = len(keep)
     moe.w_up_gate = nn.Parameter(moe.w_up_gate.data[keep].clone())
     moe.w_down = nn.Parameter(moe.w_down.data[keep].clone())
-    router.n_routed = len(routed_ids)
-    router.k_routed = min(router.k_routed, len(routed_ids))
 
 
 def routed_counts_across_layers(all_scores, n_routed_total):
@@ -195,11 +180,36 @@ def prune(model, batches, keep, method, seed=0):
         kept = scores.topk(routed_counts[i]).indices.sort().values
         layers.append({"kept": kept.tolist(), "scores": [round(s, 6) for s in scores.tolist()]})
         prune_layer(block.moe, kept)  # before the next layer is scored (what makes greedy layer-wise)
-    sizes = [n + n_shared for n in routed_counts]
+    sizes = [block.moe.w_up_gate.shape[0] for block in model.layers]
     uniform = len(set(sizes)) == 1
     model.cfg = dataclasses.replace(model.cfg, n_experts=max(sizes), top_k=min(model.cfg.top_k, max(sizes)),
                                     experts_per_layer=() if uniform else tuple(sizes))
     return layers
+
+
+# Re-pruning: a pruned model may be pruned again for its domain (keeping fewer experts); its records always
+# speak of the original model's experts.
+
+def original_model(ckpt, domain, path):
+    """(experts per layer, checkpoint) of the model that ckpt was pruned from, itself if not pruned. A model
+    pruned for one domain is not pruned for another: its other experts are gone."""
+    previous = ckpt.get("pruning")
+    if previous is None:
+        return ModelConfig(**ckpt["model_config"]).n_experts, path
+    if previous["domain"] != domain:
+        raise UserError(f"{path} is already pruned for {previous['domain']!r}: prune the original model "
+                        f"({previous['source']}) for {domain!r} instead")
+    return previous["original_n_experts"], previous["source"]
+
+
+def in_original_ids(layers, ckpt):
+    """prune()'s layers with their kept ids in the original model's numbering (unchanged if ckpt was not
+    pruned before)."""
+    previous = ckpt.get("pruning")
+    if previous is None:
+        return layers
+    return [{**layer, "kept": [before["kept"][i] for i in layer["kept"]]}
+            for layer, before in zip(layers, previous["layers"])]
 
 
 def main(argv=None):
@@ -227,37 +237,31 @@ def main(argv=None):
         raise UserError(f"--calib_docs {args.calib_docs}: at least one calibration example is needed")
     model, ckpt = load_model(args.ckpt, args.device)
     domain = args.domain or os.path.splitext(os.path.basename(os.path.normpath(args.calib)))[0]
-    previous = ckpt.get("pruning")
-    n_original = previous["original_n_experts"] if previous else model.cfg.n_experts
-    keep = parse_keep(args.keep, n_original, model.cfg.n_shared)
-    if previous and previous["domain"] != domain:
-        raise UserError(f"{args.ckpt} is already pruned for {previous['domain']!r}: prune the original model "
-                        f"({previous['source']}) for {domain!r} instead")
+    n_original, source = original_model(ckpt, domain, args.ckpt)
+    keep = keep_count(parse_keep(args.keep), n_original, model.cfg.n_shared)
     if keep > min(model.cfg.layer_experts()):
         raise UserError(f"{args.ckpt} keeps {min(model.cfg.layer_experts())} experts in a layer, it cannot keep {keep}")
     if args.calib:
-        batches = user_calibration(args.calib, checkpoint_tokenizer(ckpt, args.tokenizer, args.ckpt), model.cfg,
-                                   args.calib_docs)
+        encoding = checkpoint_tokenizer(ckpt, args.tokenizer, args.ckpt)
+        batches = calibration_batches(args.calib, encoding, model.cfg, args.calib_docs)
     else:
         corpus = Corpus(args.data_dir)
         corpus.check_model(model.cfg.vocab_size, model.cfg.eos_id)
-        batches = corpus_calibration(corpus, args.domain, args.calib_docs)
-    layers = prune(model, batches, keep, args.method, args.seed)
-    if previous:  # ids in the record always refer to the original model's experts
-        for layer, before in zip(layers, previous["layers"]):
-            layer["kept"] = [before["kept"][i] for i in layer["kept"]]
+        batches = [demonstrations(corpus.documents("calib", args.domain), args.calib_docs)]
+    layers = in_original_ids(prune(model, batches, keep, args.method, args.seed), ckpt)
+    n_examples = sum(len(idx) for idx, _ in batches)  # calibration sequences
     record = {"domain": domain, "keep": keep, "original_n_experts": n_original, "method": args.method,
-              "calibration": args.calib or f"{args.data_dir} calibration documents", "calib_examples": len(batches),
-              "source": previous["source"] if previous else args.ckpt, "layers": layers}
+              "calibration": args.calib or f"{args.data_dir} calibration documents", "calib_examples": n_examples,
+              "source": source, "layers": layers}
     out = args.out or os.path.join("out", "pruned", model_name(args.ckpt), f"{domain}-keep{keep}-{args.method}")
     save_checkpoint(out + ".pt", {"model_config": dataclasses.asdict(model.cfg), "model": model.state_dict(),
                                   "step": ckpt.get("step"), "pruning": record, "tokenizer": ckpt.get("tokenizer")})
     with open(out + ".json", "w") as f:
         json.dump(record, f, indent=1)
     if args.hf_out:
-        export_hf(model, args.hf_out, tokenizer=recorded_tokenizer(ckpt), pruning=record)
+        export_hf(model, args.hf_out, tokenizer=from_record(ckpt.get("tokenizer")), pruning=record)
     total, active = model.num_params()
-    print(f"kept {keep} of {n_original} experts per layer for {domain!r} ({args.method}, {len(batches)} "
+    print(f"kept {keep} of {n_original} experts per layer for {domain!r} ({args.method}, {n_examples} "
           f"calibration examples): {total / 1e6:.2f}M parameters, {active / 1e6:.2f}M active -> {out}.pt, .json")
 
 

@@ -1,11 +1,13 @@
 """
-The retention report of eval.py --sweep: the table (markdown, CSV, JSON) and the plots of quality against the
-fraction of experts kept, EMO against the standard MoE; the expert-usage heatmap; the training curves; and the
-spread of a sweep repeated with other seeds.
+Tables and plots of results already computed: the retention report of sweep.py (the table as markdown, CSV
+and JSON, quality against the fraction of experts kept, EMO against the standard MoE, the expert-usage
+heatmap), one report from sweeps run side by side, the spread of a sweep repeated with other seeds, and the
+training curves of runs.
 
     write_sweep(rows, usage, domains, "out/sweep_tiny")     # table.md, results.csv/json, retention_*.png, ...
-    python report.py --combine out/sweep_emo,out/sweep_std --out out/sweep_tiny     # sweeps run side by side
+    python report.py --combine out/sweeps/emo_tiny,out/sweeps/std_tiny --out out/sweep_tiny   # one per core
     python report.py --seeds out/sweep_tiny,out/sweep_tiny_seed2 --out out/seeds.md     # mean and spread
+    python report.py --curves out/emo_tiny,out/std_tiny --out out/sweep_tiny            # training curves
 
 A row is one (model, domain, fraction kept): loss, next-token accuracy, task accuracy (tasks.py) and their
 changes from the full model.
@@ -202,7 +204,7 @@ def spread_table(sweeps):
     """Mean and spread (half the range) over sweeps repeated with other seeds, of each model's changes at each
     fraction kept below 100%: {(model, fraction): {metric: (mean, half range)}} and its markdown. Models are
     matched by their order in each sweep (their names may carry the seed) and named as in the first."""
-    runs = []
+    runs, names = [], None
     for folder in sweeps:
         path = os.path.join(folder, "results.json")
         if not os.path.exists(path):
@@ -211,8 +213,7 @@ def spread_table(sweeps):
             rows = json.load(f)
         models = list(dict.fromkeys(r["model"] for r in rows))
         runs.append({(models.index(m), f): a for (m, f), a in averages(rows).items()})
-        if len(runs) == 1:
-            names = models
+        names = names or models
     if any(run.keys() != runs[0].keys() for run in runs):
         raise UserError(f"the sweeps {sweeps} do not cover the same models and fractions")
     stats = {}
@@ -234,12 +235,22 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--combine", default="", help="sweep folders of different models, comma-separated")
     parser.add_argument("--seeds", default="", help="sweep folders of the same experiment, comma-separated")
-    parser.add_argument("--out", required=True, help="--combine: the report's folder; --seeds: the table's file")
+    parser.add_argument("--curves", default="", help="training run folders (history.json), comma-separated")
+    parser.add_argument("--out", required=True, help="--combine, --curves: a folder; --seeds: the table's file")
     args = parser.parse_args(argv)
-    if bool(args.combine) == bool(args.seeds):
-        raise UserError("give one of --combine and --seeds")
+    if sum(map(bool, (args.combine, args.seeds, args.curves))) != 1:
+        raise UserError("give one of --combine, --seeds and --curves")
     if args.combine:
         print(combine(args.combine.split(","), args.out))
+        return
+    if args.curves:
+        runs = {os.path.basename(os.path.normpath(run)): run for run in args.curves.split(",")}
+        for run in runs.values():
+            if not os.path.exists(os.path.join(run, "history.json")):
+                raise UserError(f"no training history at {os.path.join(run, 'history.json')}")
+        os.makedirs(args.out, exist_ok=True)
+        plot_training(runs, os.path.join(args.out, "training_curves.png"))
+        print(f"wrote {args.out}/training_curves.png")
         return
     _, table = spread_table(args.seeds.split(","))
     print(table)

@@ -14,8 +14,7 @@ than k_r, the surplus picks lie outside it and carry weight 0.
 Everything is vectorised: documents are numbered with a cumulative sum over EOS positions, their scores
 are one segment sum (index_add_), their pools one sort; no Python loop over documents, no host sync.
 
-Shapes: N tokens (B*T), E experts, Er = E - n_shared routed experts, kr = top_k - n_shared routed
-experts per token, K = top_k experts per token in all, C model width.
+Shapes as in model.py: N tokens, C model width, Er routed experts, kr routed experts per token, K = top_k.
 """
 
 from dataclasses import dataclass
@@ -96,18 +95,29 @@ class Routing:
 
 
 class Router(nn.Module):
-    """Chooses the experts of every token. kind 'emo' routes within document pools, 'std' does not."""
+    """Chooses the experts of every token of one MoE layer of n_experts experts, as cfg (model.ModelConfig)
+    says: cfg.router 'emo' routes within document pools, 'std' does not. The layer's sizes come from its
+    gate's shape alone, so that slicing the gate (prune.py) is all it takes to prune the router."""
 
-    def __init__(self, d_model, n_experts, n_shared, top_k, kind, pool_min, pool_max, pool_eval):
+    def __init__(self, cfg, n_experts):
         super().__init__()
-        if kind not in ("emo", "std"):
-            raise ValueError(f"router must be 'emo' or 'std', got {kind!r}")
-        self.gate = nn.Linear(d_model, n_experts, bias=False)  # one logit per expert, shared experts last
-        self.n_routed, self.k_routed, self.n_shared = n_experts - n_shared, top_k - n_shared, n_shared
-        self.kind, self.pool_min, self.pool_max, self.pool_eval = kind, pool_min, pool_max, pool_eval
+        self.gate = nn.Linear(cfg.d_model, n_experts, bias=False)  # one logit per expert, shared experts last
+        self.n_shared, self.top_k = cfg.n_shared, cfg.top_k
+        self.kind, self.pool_min, self.pool_max, self.pool_eval = cfg.router, cfg.pool_min, cfg.pool_max, cfg.pool_eval
+
+    @property
+    def n_routed(self):
+        """Er: the routed experts of this layer."""
+        return self.gate.weight.shape[0] - self.n_shared
+
+    @property
+    def k_routed(self):
+        """kr: routed experts per token, top_k capped at the experts there are, less the shared ones."""
+        return min(self.top_k, self.gate.weight.shape[0]) - self.n_shared
 
     def pool_sizes(self, n, device):
-        """Pool size for each of up to n documents, or None where this call routes token by token."""
+        """Pool size for each of up to n documents, or None where this call routes token by token: the
+        standard router, and EMO in eval mode without a fixed pool_eval."""
         if self.kind == "std":
             return None
         if self.training:
@@ -118,15 +128,15 @@ class Router(nn.Module):
 
     def logits(self, x):
         """Router logits of the routed experts, float32: x (N, C) -> (N, Er). Shared experts take no part."""
-        with torch.autocast(x.device.type, enabled=False):  # router logits in float32 (emo.md step 1)
+        with torch.autocast(x.device.type, enabled=False):  # router logits in float32 (docs/method.md, step 1)
             return F.linear(x.float(), self.gate.weight[: self.n_routed].float())
 
-    def forward(self, x, doc_ids, token_routing=False):
-        """x (N, C) token states, doc_ids (N,) document ids from document_ids(). token_routing=True
-        ignores pools (inference as in the release). Returns a Routing."""
+    def forward(self, x, doc_ids):
+        """x (N, C) token states, doc_ids (N,) document ids from document_ids(), or None to route token by token
+        (a KV cache holds no whole documents to pool over). Returns a Routing."""
         N = x.shape[0]
         routed_logits = self.logits(x)  # (N, Er)
-        sizes = None if token_routing else self.pool_sizes(N, x.device)
+        sizes = None if doc_ids is None else self.pool_sizes(N, x.device)
         pool_size = torch.tensor(float(self.n_routed), device=x.device)
         masked_logits = routed_logits
         if sizes is not None:

@@ -10,8 +10,7 @@ A choice is scored by how much the passage raises its log-likelihood: log p(choi
 log p(choice | start of a document), its tokens summed (the mutual-information scoring of benchmark
 harnesses, lm-evaluation-harness's acc_mutual_info: it cancels how likely a piece of text is on its own, which
 otherwise decides for a small model). The item is right when the true continuation scores highest; chance is
-1 in 4. (A first construction, 32-token choices scored by plain likelihood, left the demo's full models at
-38%, too near chance for a drop to be measured; this one gives them about 75%.)
+1 in 4. (docs/results.md says why this construction and not plain likelihood.)
 
 Items come from a domain's validation documents, two per document long enough (a fixed seed picks where the
 passages end and the distractors). Pruning calibrates on demonstrations built the same way from the
@@ -21,7 +20,10 @@ scored are never seen by it.
 
     items = task_items(corpus.documents("val", "python"), seed=0)
     accuracy = task_accuracy(model, items, batch_size=64, device=torch.device("cpu"))
-    demos = demonstrations(corpus.documents("calib", "python"), n=16)    # [(tokens (1, T), answer mask (1, T))]
+    tokens, answer_mask = demonstrations(corpus.documents("calib", "python"), n=16)    # (16, T) each
+
+log_likelihoods is the plain definition (each passage and choice one sequence); shared_context_log_likelihoods
+computes the same numbers with each passage run once for its four choices, the speed-up the scoring uses.
 """
 
 from dataclasses import dataclass
@@ -30,6 +32,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from errors import UserError
 from model import KVCache
 
 PASSAGE, ANSWER, CHOICES, ITEMS_PER_DOCUMENT = 64, 16, 4, 2
@@ -69,28 +72,51 @@ def task_items(documents, seed=0):
 
 
 def demonstrations(documents, n, seed=1):
-    """n calibration demonstrations: (tokens (1, PASSAGE + ANSWER), answer mask (1, PASSAGE + ANSWER)), cycling
-    through the documents long enough (another passage of a document each time round)."""
+    """n calibration demonstrations in one batch: tokens (n, PASSAGE + ANSWER) and answer mask (n, PASSAGE +
+    ANSWER), cycling through the documents long enough (another passage of a document each time round)."""
     rng = np.random.default_rng(seed)
     eligible = [doc for doc in documents if spans_of(doc) > 0]
     if not eligible:
-        return []
-    demos = []
+        raise UserError(f"no document long enough for a demonstration ({PASSAGE + ANSWER + 1} tokens)")
+    rows = []
     for k in range(n):
         doc = eligible[k % len(eligible)]
         cut = PASSAGE + int(rng.integers(spans_of(doc)))
-        tokens = torch.from_numpy(np.asarray(doc[cut - PASSAGE:cut + ANSWER], dtype=np.int64))[None]
-        mask = torch.zeros_like(tokens, dtype=torch.bool)
-        mask[:, PASSAGE:] = True
-        demos.append((tokens, mask))
-    return demos
+        rows.append(np.asarray(doc[cut - PASSAGE:cut + ANSWER], dtype=np.int64))
+    tokens = torch.from_numpy(np.stack(rows))
+    mask = torch.zeros_like(tokens, dtype=torch.bool)
+    mask[:, PASSAGE:] = True
+    return tokens, mask
+
+
+def continuation_log_probs(model, hidden, continuation):
+    """Summed log-probabilities (n,) of continuation (n, A) from the hidden states (n, A, C) that predict it."""
+    log_probs = F.log_softmax(model.lm_head(hidden).float(), dim=-1)  # (n, A, V)
+    return log_probs.gather(2, continuation[..., None])[..., 0].sum(1).cpu()
 
 
 @torch.no_grad()
 def log_likelihoods(model, contexts, continuations, batch_size, device):
-    """(n * c,) summed log-probabilities of continuations (n * c, A) given their contexts (n, L), c continuations
-    per context in order, routing token by token. A context is computed once for its c continuations: its keys
-    and values (a KVCache) are copied for each. batch_size: sequences per pass."""
+    """The definition: (n * c,) summed log-probabilities of continuations (n * c, A) given their contexts
+    (n, L), c continuations per context in order, each context + continuation run as one sequence, routing
+    token by token (eval mode)."""
+    n, L = contexts.shape
+    sequences = torch.cat([contexts.repeat_interleave(len(continuations) // n, dim=0), continuations], dim=1)
+    was_training = model.training
+    model.eval()
+    sums = []
+    for batch in sequences.split(batch_size):
+        batch = batch.to(device)
+        hidden, _ = model.hidden_states(batch[:, :-1])  # (b, L + A - 1, C)
+        sums.append(continuation_log_probs(model, hidden[:, L - 1:], batch[:, L:]))
+    model.train(was_training)
+    return torch.cat(sums)
+
+
+@torch.no_grad()
+def shared_context_log_likelihoods(model, contexts, continuations, batch_size, device):
+    """log_likelihoods' numbers with each context computed once for its c continuations: its keys and values
+    (a KVCache) are copied for each (c times fewer context tokens run). batch_size: sequences per pass."""
     (n, L), A = contexts.shape, continuations.shape[1]
     c = len(continuations) // n
     per_pass = max(1, batch_size // c)  # contexts per pass
@@ -106,8 +132,7 @@ def log_likelihoods(model, contexts, continuations, batch_size, device):
         continuation_hidden, _ = model.hidden_states(continuation[:, :-1], cache=cache)  # (b * c, A - 1, C)
         # the positions predicting the continuation: the context's last, then the continuation's own
         hidden = torch.cat([context_hidden[:, -1:].repeat_interleave(c, dim=0), continuation_hidden], dim=1)
-        log_probs = F.log_softmax(model.lm_head(hidden).float(), dim=-1)  # (b * c, A, V)
-        sums.append(log_probs.gather(2, continuation[..., None])[..., 0].sum(1).cpu())
+        sums.append(continuation_log_probs(model, hidden, continuation))
     model.train(was_training)
     return torch.cat(sums)
 
@@ -117,8 +142,8 @@ def choice_scores(model, items, batch_size, device):
     choices = torch.from_numpy(np.stack([c for item in items for c in item.choices]).astype(np.int64))  # (n*4, A)
     passages = torch.from_numpy(np.stack([item.passage for item in items]).astype(np.int64))  # (n, PASSAGE)
     document_start = torch.full((len(items), 1), model.cfg.eos_id)  # the EOS that closes the one before
-    conditional = log_likelihoods(model, passages, choices, batch_size, device)
-    unconditional = log_likelihoods(model, document_start, choices, batch_size, device)
+    conditional = shared_context_log_likelihoods(model, passages, choices, batch_size, device)
+    unconditional = shared_context_log_likelihoods(model, document_start, choices, batch_size, device)
     return (conditional - unconditional).view(len(items), CHOICES)
 
 

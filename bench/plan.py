@@ -30,7 +30,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from configurator import parse_args  # noqa: E402
 from lm_loss import chunk_rows  # noqa: E402
 from model import EMO, ModelConfig  # noqa: E402
-from train import PEAK_FLOPS, TrainConfig  # noqa: E402
+from train import PEAK_FLOPS, TrainConfig, checkpoint_blocks  # noqa: E402
 
 GIB = 2 ** 30
 
@@ -60,7 +60,8 @@ def saved_activation_bytes(cfg, batch_size, checkpointing):
     them again for the backward (they are in the 'gathered' line)."""
     with FakeTensorMode():
         model = fake_model(cfg)
-        model.activation_checkpointing = checkpointing
+        if checkpointing:
+            checkpoint_blocks(model)
         idx = torch.randint(0, cfg.vocab_size, (batch_size, cfg.seq_len))
         idx[:, ::600] = cfg.eos_id  # documents of 600 tokens
         parameters = {p.untyped_storage()._cdata for p in model.parameters()}
@@ -105,7 +106,7 @@ def memory_plan(cfg, batch_size, world, checkpointing):
         "bf16 gathered: root + 2 blocks": 2 * (root + 2 * block),
         "float32 gradients of one block before reduce-scatter": 4 * block,
         "activations saved for the backward": saved,
-        "LM loss chunk: logits and their gradient": 2 * 4 * chunk_rows(cfg.vocab_size) * cfg.vocab_size,
+        "LM loss chunk: logits and their gradient": 2 * 4 * chunk_rows(cfg.vocab_size, "cuda") * cfg.vocab_size,
     }
     if checkpointing:
         plan["one block recomputed in the backward"] = block_full

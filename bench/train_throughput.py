@@ -20,9 +20,10 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from configurator import parse_args  # noqa: E402
-from kernels import kernel_choice  # noqa: E402
+from kernels import expert_path  # noqa: E402
 from model import ModelConfig  # noqa: E402
-from train import PEAK_FLOPS, TrainConfig, build_model, configure_optimizer, setup_distributed  # noqa: E402
+from parallel import build_model, setup_distributed  # noqa: E402
+from train import TrainConfig, checkpoint_blocks, configure_optimizer, peak_flops  # noqa: E402
 
 
 @dataclass
@@ -49,7 +50,8 @@ def compute_dtype(cfg, device):
 def time_steps(model_cfg, cfg, bench, device):
     """(median seconds per optimizer step (forward, backward, AdamW), seconds of the first step, the model)."""
     dtype = compute_dtype(cfg, device)
-    model, raw = build_model(model_cfg, cfg, device, 1, dtype)
+    prepare = checkpoint_blocks if cfg.activation_checkpointing else None
+    model, raw = build_model(model_cfg, cfg, device, 1, dtype, prepare)
     optimizer = configure_optimizer(raw, cfg, device)
     generator = torch.Generator().manual_seed(0)
     times = []
@@ -59,7 +61,7 @@ def time_steps(model_cfg, cfg, bench, device):
             torch.cuda.synchronize()
         t0 = time.perf_counter()
         with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-            _, loss, _ = model(x, y)
+            loss, _ = model(x, y)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -72,11 +74,10 @@ def time_steps(model_cfg, cfg, bench, device):
 def main():
     (cfg, model_cfg, bench), _ = parse_args(sys.argv[1:], TrainConfig, ModelConfig, BenchConfig)
     _, _, device = setup_distributed(cfg)
-    peak = cfg.peak_flops or next((v for k, v in PEAK_FLOPS.items()
-                                   if device.type == "cuda" and k in torch.cuda.get_device_name(device)), 0.0)
+    peak = peak_flops(device, cfg.peak_flops)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
     dtype = compute_dtype(cfg, device)
-    kernel = kernel_choice(device, dtype, (model_cfg.expert_hidden, model_cfg.d_model))[0]
+    kernel = expert_path(device.type, dtype, (model_cfg.expert_hidden, model_cfg.d_model))[0]
     print(f"device {name} | torch {torch.__version__} | {dtype} | kernel {kernel} | compile {cfg.compile} | "
           f"batch {cfg.batch_size} x {model_cfg.seq_len} tokens")
     report = {"device": name, "torch": torch.__version__, "dtype": str(dtype), "kernel": kernel,

@@ -18,7 +18,7 @@ import os
 import numpy as np
 import torch
 
-from data.tokenizer import NAMED, record_for
+from data.tokenizer import NAMED
 from errors import UserError
 
 
@@ -49,10 +49,10 @@ class Corpus:
         """All of one domain's documents of a split, back to back: (n,) tokens."""
         return np.concatenate(self.documents(split, domain))
 
-    def tokenizer_record(self):
-        """The corpus's tokenizer as a checkpoint records it (data/tokenizer.py)."""
+    def tokenizer_spec(self):
+        """The corpus's tokenizer as load_tokenizer / tokenizer_record take it: a name, or its rank file."""
         name = self.meta["tokenizer"]
-        return record_for(name if name in NAMED else os.path.join(self.data_dir, self.meta["tokenizer_file"]))
+        return name if name in NAMED else os.path.join(self.data_dir, self.meta["tokenizer_file"])
 
     def check_model(self, vocab_size, eos_id):
         """Refuse a model whose vocabulary cannot hold the corpus's tokens or whose EOS differs."""

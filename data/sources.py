@@ -192,7 +192,8 @@ def german(root, max_bytes):
     """German man pages, then fortunes (UTF-8 files) grouped into ~2 KB documents."""
     fortunes = []
     for path in sorted(glob.glob(os.path.join(root, "usr/share/games/fortunes/de/*.u8"))):
-        fortunes += [f.strip("\n") + "\n\n" for f in open(path, encoding="utf-8", errors="replace").read().split("\n%\n")]
+        text = open(path, encoding="utf-8", errors="replace").read()
+        fortunes += [f.strip("\n") + "\n\n" for f in text.split("\n%\n")]
     return man_pages(root, "de", max_bytes) + group_small(fortunes)
 
 

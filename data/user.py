@@ -11,7 +11,8 @@ answer's (and its EOS) for a demonstration (the prompt is context).
 
     examples = read_examples("my_notes/")                                 # [Example]
     tokens = tokenize_examples(examples, encoding, eos_id, vocab_size)    # [(tokens, scored)]
-    batches = example_batches(tokens, seq_len)                            # [(idx (1, T), scored (1, T))]
+    batches = example_batches(tokens, seq_len, n=16)                      # [(idx (b, T), scored (b, T))]
+    named_paths("notes=my_notes/,code=src/", "--data")                    # {"notes": "my_notes/", ...}
 """
 
 import glob
@@ -115,14 +116,46 @@ def tokenize_examples(examples, encoding, eos_id, vocab_size=None):
     return tokenized
 
 
-def example_batches(tokenized, seq_len):
-    """Calibration batches, one example per batch: (idx (1, T), scored (1, T)) with T <= seq_len. A long
-    document is cut into pieces of seq_len; a long demonstration keeps its last seq_len tokens (its answer)."""
-    batches = []
+def example_batches(tokenized, seq_len, n, rows=16):
+    """Calibration batches of the first n pieces of the examples: [(idx (b, T), scored (b, T))], T <= seq_len. A
+    long document is cut into pieces of seq_len; a long demonstration keeps its last seq_len tokens (its
+    answer). Consecutive pieces of one length share a batch, up to rows of them: fewer, larger passes."""
+    pieces = []
     for tokens, scored in tokenized:
         if scored.all():
-            pieces = [(tokens[s:s + seq_len], scored[s:s + seq_len]) for s in range(0, len(tokens), seq_len)]
+            pieces += [(tokens[s:s + seq_len], scored[s:s + seq_len]) for s in range(0, len(tokens), seq_len)]
         else:
-            pieces = [(tokens[-seq_len:], scored[-seq_len:])]
-        batches += [(torch.from_numpy(t.copy())[None], torch.from_numpy(m.copy())[None]) for t, m in pieces]
-    return batches
+            pieces.append((tokens[-seq_len:], scored[-seq_len:]))
+    groups = []  # runs of consecutive pieces of one length, at most rows each
+    for piece in pieces[:n]:
+        if groups and len(groups[-1][0][0]) == len(piece[0]) and len(groups[-1]) < rows:
+            groups[-1].append(piece)
+        else:
+            groups.append([piece])
+    return [(torch.from_numpy(np.stack([t for t, _ in group])), torch.from_numpy(np.stack([m for _, m in group])))
+            for group in groups]
+
+
+def calibration_batches(path, encoding, cfg, n):
+    """prune.py --calib PATH: the first n calibration pieces of the user's text as batches (example_batches),
+    tokenized with encoding for a model of config cfg."""
+    tokenized = tokenize_examples(read_examples(path), encoding, cfg.eos_id, cfg.vocab_size)
+    return example_batches(tokenized, cfg.seq_len, n)
+
+
+def evaluation_text(path, encoding, cfg):
+    """eval.py --data PATH: (tokens (n,), scored (n,), documents [token arrays]), the examples back to back."""
+    tokenized = tokenize_examples(read_examples(path), encoding, cfg.eos_id, cfg.vocab_size)
+    documents = [tokens for tokens, scored in tokenized if scored.all()]
+    return np.concatenate([t for t, _ in tokenized]), np.concatenate([s for _, s in tokenized]), documents
+
+
+def named_paths(spec, flag):
+    """'name=path,name2=path2' (or one bare path, named by its file or folder) -> {name: path}."""
+    named = {}
+    for part in spec.split(","):
+        name, _, path = part.rpartition("=")
+        named[name or os.path.splitext(os.path.basename(os.path.normpath(path)))[0]] = path
+    if not all(named):
+        raise UserError(f"{flag} {spec!r}: give NAME=PATH pairs")
+    return named

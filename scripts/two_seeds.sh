@@ -14,7 +14,7 @@ for model in emo_tiny std_tiny; do
 done
 wait
 for model in emo_tiny std_tiny; do
-  OMP_NUM_THREADS=1 $PY eval.py --sweep --ckpt "out/${model}_seed$SEED" --out "out/sweeps/${model}_seed$SEED" \
+  OMP_NUM_THREADS=1 $PY sweep.py --ckpt "out/${model}_seed$SEED" --out "out/sweeps/${model}_seed$SEED" \
     > "out/sweeps_${model}_seed$SEED.log" 2>&1 &
 done
 wait

@@ -9,7 +9,8 @@ import sys
 import torch
 import torch.distributed as dist
 
-from train import leave_process_group, train
+from parallel import leave_process_group
+from train import train
 
 
 def full_parameters(model):

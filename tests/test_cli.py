@@ -41,7 +41,8 @@ def test_train_errors(capsys, tiny_corpus, tmp_path):
         f"error: no corpus at '{tmp_path / 'none'}' (missing meta.json): run `python -m data.prepare`")
     assert one_line_error(capsys, train.main, tiny_run(data_dir, tmp_path / "a", "--init_from=resume")) == (
         f"error: init_from='resume' but there is no {tmp_path / 'a' / 'ckpt.pt'}")
-    assert one_line_error(capsys, train.main, ["config/no_such.py"]) == "error: config file not found: config/no_such.py"
+    assert one_line_error(capsys, train.main, ["config/no_such.py"]) == (
+        "error: config file not found: config/no_such.py")
 
 
 def test_prune_errors(capsys, tiny_corpus, tiny_checkpoints, tmp_path):
@@ -65,9 +66,11 @@ def test_truncated_and_foreign_checkpoints_are_named(capsys, tiny_corpus, tiny_c
 
 
 def test_eval_checkpoint_and_prepare_errors(capsys, tiny_corpus, tmp_path):
-    assert one_line_error(capsys, evaluation.main, ["--ckpt", str(tmp_path / "none"), "--data_dir", tiny_corpus[0]]) == (
+    missing = ["--ckpt", str(tmp_path / "none"), "--data_dir", tiny_corpus[0]]
+    assert one_line_error(capsys, evaluation.main, missing) == (
         f"error: checkpoint not found: {tmp_path / 'none'}")
-    assert one_line_error(capsys, checkpoint.main, ["--ckpt", str(tmp_path / "none.pt"), "--hf_out", str(tmp_path)]) == (
+    export = ["--ckpt", str(tmp_path / "none.pt"), "--hf_out", str(tmp_path)]
+    assert one_line_error(capsys, checkpoint.main, export) == (
         f"error: checkpoint not found: {tmp_path / 'none.pt'}")
     assert one_line_error(capsys, prepare.main, ["--domains", "bible,klingon", "--out", str(tmp_path / "c")]) == (
         "error: unknown domain 'klingon'; known: bible, dictionary, python, c, math, manpages, german, legal")

@@ -29,7 +29,7 @@ def test_moe_layer_and_model_compile_without_graph_breaks(router):
     layer = MoE(config(router), 16).train()
     idx, targets = batch()
     x = torch.randn(2, 32, 32, requires_grad=True)
-    explained = torch._dynamo.explain(layer)(x, document_ids(idx, 0), False)
+    explained = torch._dynamo.explain(layer)(x, document_ids(idx, 0))
     assert explained.graph_break_count == 0 and explained.graph_count == 1, explained.break_reasons
     model = EMO(config(router)).train()
     explained = torch._dynamo.explain(model)(idx, targets)
@@ -44,7 +44,7 @@ def test_compiled_step_equals_eager_step():
     results = []
     for fn in (model, torch.compile(model, backend="aot_eager", fullgraph=True)):
         model.zero_grad()
-        _, loss, _ = fn(idx, targets)
+        loss, _ = fn(idx, targets)
         loss.backward()
         results.append((loss.detach(), [p.grad.clone() for p in model.parameters()]))
     torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-5, atol=1e-6)

@@ -125,7 +125,7 @@ def test_bpe_never_merges_across_chunks():
 
 
 def test_unknown_tokenizer_is_a_clear_error():
-    with pytest.raises(UserError, match="neither"):
+    with pytest.raises(UserError, match="'no-such-tokenizer' is none of gpt2, cl100k_base, dolma2"):
         load_tokenizer("no-such-tokenizer")
 
 

@@ -110,16 +110,16 @@ def test_release_format_loads_and_matches_a_reference_forward(tmp_path):
     model = load_hf(folder)
     assert model.cfg.n_experts == E and model.cfg.top_k == K and model.cfg.eos_id == 49
     one_document = torch.tensor([3, 17, 12, 8, 22, 40, 1, 9])
-    logits = model(one_document[None], token_routing=True)[0][0]
+    logits = model(one_document[None])[0]
     torch.testing.assert_close(logits, reference_forward(tensors, one_document), rtol=1e-4, atol=1e-4)
     # across an EOS the loaded model keeps EMO's training mask (attention within documents); the reference,
     # like the release's inference code, attends across documents
     two_documents = torch.tensor([3, 17, 49, 8, 22, 40, 1, 9])
     model.cfg = dataclasses.replace(model.cfg, doc_attention=False)
-    torch.testing.assert_close(model(two_documents[None], token_routing=True)[0][0],
+    torch.testing.assert_close(model(two_documents[None])[0],
                                reference_forward(tensors, two_documents), rtol=1e-4, atol=1e-4)
     # the generic loader recognises the folder
-    assert torch.equal(load_model(folder)[0](one_document[None])[0][0], logits)
+    assert torch.equal(load_model(folder)[0](one_document[None])[0], logits)
 
 
 def test_checkpoint_dtype_is_kept_unless_asked(tmp_path):
@@ -144,7 +144,7 @@ def test_export_then_load_gives_identical_logits(tmp_path, layers_per_shard):
     assert (tmp_path / "full" / "model.safetensors.index.json").exists() == (layers_per_shard == 1)
     loaded = load_hf(str(tmp_path / "full"))
     assert loaded.cfg == model.cfg
-    assert torch.equal(loaded(idx, token_routing=True)[0], model(idx, token_routing=True)[0])
+    assert torch.equal(loaded(idx), model(idx))
 
 
 @pytest.mark.parametrize("method", ["greedy", "global"])
@@ -162,7 +162,7 @@ def test_export_then_load_a_pruned_model(tmp_path, method):
     loaded = load_hf(str(tmp_path / "pruned"))
     assert loaded.cfg == model.cfg
     idx = torch.randint(0, V, (2, 12))
-    assert torch.equal(loaded(idx, token_routing=True)[0], model(idx, token_routing=True)[0])
+    assert torch.equal(loaded(idx), model(idx))
 
 
 def test_release_folders_get_the_release_training_settings(tmp_path):

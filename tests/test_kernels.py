@@ -11,7 +11,15 @@ import triton
 import triton.language as tl
 
 from errors import UserError
-from kernels import _tile_rows, moe_mlp_grouped, moe_mlp_loop, sort_by_expert
+from kernels import CHOSEN_PATHS, expert_path, moe_mlp_grouped, moe_mlp_loop, sort_by_expert
+from triton_moe import _tile_rows
+
+
+@pytest.fixture(autouse=True)
+def forget_the_expert_path():
+    """Tests here change NANOEMO_KERNEL; expert_path remembers its choice: forget it after each."""
+    yield
+    CHOSEN_PATHS.clear()
 
 
 def dense_reference(x, w_up_gate, w_down, weights, experts):
@@ -159,8 +167,9 @@ def test_model_trains_the_same_with_every_path(monkeypatch):
     results = {}
     for path in ("loop", "grouped_mm", "triton"):
         monkeypatch.setenv("NANOEMO_KERNEL", path)
+        CHOSEN_PATHS.clear()  # the choice is remembered: forget it
         model.zero_grad()
-        _, loss, _ = model(idx, idx)
+        loss, _ = model(idx, idx)
         loss.backward()
         results[path] = (loss.item(), [p.grad.clone() for p in model.parameters()])
     for path in ("grouped_mm", "triton"):
@@ -198,15 +207,19 @@ def test_row_tiles_cover_every_row_once():
     assert experts[-1] >= 6  # spare tiles past the last expert do nothing
 
 
-def test_kernel_choice(monkeypatch):
-    from kernels import kernel_choice
+def test_expert_path_choice(monkeypatch):
     monkeypatch.delenv("NANOEMO_KERNEL", raising=False)
-    assert kernel_choice(torch.device("cpu"))[0] == "grouped_mm"
-    assert kernel_choice(torch.device("cuda"), torch.bfloat16)[0] == "grouped_mm"  # until a GPU measurement
-    assert kernel_choice(torch.device("cpu"), torch.float64)[0] == "loop"  # grouped_mm cannot run float64
-    assert kernel_choice(torch.device("cpu"), torch.float32, (5, 64))[0] == "loop"  # nor rows of 20 bytes
+    CHOSEN_PATHS.clear()
+    assert expert_path("cpu", torch.float32, (64, 64))[0] == "grouped_mm"
+    assert expert_path("cuda", torch.bfloat16, (64, 64))[0] == "grouped_mm"  # until a GPU measurement
+    assert expert_path("cpu", torch.float64, (64, 64))[0] == "loop"  # grouped_mm cannot run float64
+    assert expert_path("cpu", torch.float32, (5, 64))[0] == "loop"  # nor rows of 20 bytes
     monkeypatch.setenv("NANOEMO_KERNEL", "triton")
-    assert kernel_choice(torch.device("cuda")) == ("triton", "forced by NANOEMO_KERNEL")
+    assert expert_path("cpu", torch.float32, (64, 64))[0] == "grouped_mm"  # decided once, remembered
+    CHOSEN_PATHS.clear()
+    assert expert_path("cuda", torch.float32, (64, 64)) == ("triton", "forced by NANOEMO_KERNEL")
     monkeypatch.setenv("NANOEMO_KERNEL", "fast")
+    CHOSEN_PATHS.clear()
     with pytest.raises(UserError, match="NANOEMO_KERNEL"):
-        kernel_choice(torch.device("cpu"))
+        expert_path("cpu", torch.float32, (64, 64))
+

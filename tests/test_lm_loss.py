@@ -57,7 +57,7 @@ def test_without_gradients_only_the_loss_is_computed():
 
 
 def test_chunks_hold_about_16m_logits_on_a_gpu_and_512k_on_a_cpu():
-    assert chunk_rows(100352) == 167 and chunk_rows(4096) == 4096 and chunk_rows(10 ** 6) == 128
+    assert chunk_rows(100352, "cuda") == 167 and chunk_rows(4096, "cuda") == 4096 and chunk_rows(10 ** 6, "cuda") == 128
     assert chunk_rows(4096, "cpu") == 128 and chunk_rows(100352, "cpu") == 128 and chunk_rows(256, "cpu") == 2048
 
 

@@ -1,4 +1,5 @@
-"""Model tests: causality, document masking, initial loss, learning, gradients, parameter counts.
+"""Model tests: causality, document masking, initial loss, learning, gradients, parameter counts, the KV cache,
+and that the model does not need Triton.
 
     python -m pytest tests/test_model.py -q
 """
@@ -36,8 +37,8 @@ def test_causal_with_token_routing(router, doc_attention):
     changed = idx.clone()
     t = 13
     changed[:, t] = (idx[:, t] % 63) + 1
-    a, _, _ = model(idx)
-    b, _, _ = model(changed)
+    a = model(idx)
+    b = model(changed)
     assert torch.equal(a[:, :t], b[:, :t])
     assert not torch.allclose(a[:, t:], b[:, t:])
 
@@ -48,20 +49,20 @@ def test_document_attention_hides_earlier_documents():
     idx = tokens()  # documents [0..7], [8..20], [21..31]
     changed = idx.clone()
     changed[:, 3] = (idx[:, 3] % 63) + 1  # inside the first document
-    a, _, _ = model(idx)
-    b, _, _ = model(changed)
+    a = model(idx)
+    b = model(changed)
     assert torch.equal(a[:, 8:], b[:, 8:])
     assert not torch.allclose(a[:, 3:8], b[:, 3:8])
     plain = EMO(tiny_config(router="std", doc_attention=False))
     plain.load_state_dict(model.state_dict())
-    assert not torch.allclose(plain(idx)[0][:, 8:], plain(changed)[0][:, 8:])
+    assert not torch.allclose(plain(idx)[:, 8:], plain(changed)[:, 8:])
 
 
 def test_initial_loss_close_to_uniform():
     torch.manual_seed(0)
     model = EMO(tiny_config(vocab_size=512))
     idx = torch.randint(1, 512, (4, 32))
-    _, _, stats = model(idx, idx)
+    _, stats = model(idx, idx)
     assert abs(stats["lm_loss"].item() - math.log(512)) < 0.1
 
 
@@ -74,7 +75,7 @@ def test_optimizer_steps_reduce_loss(router):
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
     losses = []
     for _ in range(30):
-        _, loss, _ = model(x, y)
+        loss, _ = model(x, y)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -86,7 +87,7 @@ def test_gradients_reach_used_experts_and_router():
     torch.manual_seed(0)
     model = EMO(tiny_config())
     idx = tokens()
-    _, loss, stats = model(idx, idx)
+    loss, stats = model(idx, idx)
     loss.backward()
     counts = stats["expert_counts"]  # per layer, (Er,) tokens per routed expert
     for layer, block in enumerate(model.layers):
@@ -102,13 +103,13 @@ def test_stats_shapes_and_pool_sizes():
     torch.manual_seed(0)
     model = EMO(tiny_config())
     idx = tokens()
-    _, _, stats = model(idx, idx)
+    _, stats = model(idx, idx)
     assert [c.shape for c in stats["expert_counts"]] == [(7,), (7,)]
     # counts: every token has 2 routed picks, minus those of weight 0 (pools smaller than 2 experts)
     assert all(c.sum() <= 2 * idx.numel() for c in stats["expert_counts"])
     assert 2 <= stats["pool_size"].item() <= 7
     model.eval()
-    assert model(idx, idx)[2]["pool_size"].item() == 7
+    assert model(idx, idx)[1]["pool_size"].item() == 7
 
 
 def test_parameter_counts_match_formula():
@@ -157,8 +158,9 @@ def test_model_loss_is_cross_entropy_plus_weighted_auxiliary_losses():
     idx = torch.randint(1, 300, (3, 600))
     targets = idx.roll(-1, dims=1)
     targets[:, -5:] = -1
-    logits, _, stats = model(idx)
-    _, loss, stats_t = model(idx, targets)
+    logits = model(idx)
+    _, stats = model.hidden_states(idx)
+    loss, stats_t = model(idx, targets)
     flat, t = logits.flatten(0, 1), targets.flatten()
     ce = torch.nn.functional.cross_entropy(flat, t, ignore_index=-1)
     z = torch.logsumexp(flat, -1)[t != -1].square().mean()
@@ -168,16 +170,19 @@ def test_model_loss_is_cross_entropy_plus_weighted_auxiliary_losses():
 
 
 def test_activation_checkpointing_gives_the_same_step():
-    """Recomputing each block in the backward (the pools redrawn from the same RNG state) changes nothing."""
+    """Recomputing each block in the backward (train.py's checkpoint_blocks; the pools redrawn from the same
+    RNG state) changes nothing."""
+    from train import checkpoint_blocks
     torch.manual_seed(0)
-    model = EMO(tiny_config(router="emo", doc_attention=True))
+    plain = EMO(tiny_config(router="emo", doc_attention=True))
+    checkpointed = EMO(plain.cfg)
+    checkpointed.load_state_dict(plain.state_dict())
+    checkpoint_blocks(checkpointed)
     idx = tokens()
     results = []
-    for checkpointing in (False, True):
-        model.activation_checkpointing = checkpointing
-        model.zero_grad()
+    for model in (plain, checkpointed):
         torch.manual_seed(1)
-        _, loss, _ = model(idx, idx.roll(-1, 1))
+        loss, _ = model(idx, idx.roll(-1, 1))
         loss.backward()
         results.append((loss.detach(), [p.grad.clone() for p in model.parameters()]))
     assert torch.equal(results[0][0], results[1][0])
@@ -202,7 +207,18 @@ def test_cache_gives_the_logits_of_the_whole_sequence():
     torch.manual_seed(0)
     model = EMO(tiny_config(doc_attention=True)).eval()
     idx = tokens()[:, :20]
-    full, _, _ = model(idx, token_routing=True)
+    full = model(idx)
     cache = KVCache(model.cfg, 2, "cpu", torch.float32)
-    pieces = [model(idx[:, :12], cache=cache)[0]] + [model(idx[:, t:t + 1], cache=cache)[0] for t in range(12, 20)]
+    pieces = [model(idx[:, :12], cache=cache)] + [model(idx[:, t:t + 1], cache=cache) for t in range(12, 20)]
     torch.testing.assert_close(torch.cat(pieces, dim=1), full, rtol=1e-5, atol=1e-5)
+
+
+def test_importing_the_model_does_not_import_triton():
+    """Triton is the third expert path, imported only when chosen (kernels.moe_mlp_triton)."""
+    import os
+    import subprocess
+    import sys
+    code = "import sys, model, train, prune, sweep; print('triton' in sys.modules)"
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=root)
+    assert out.stdout.strip() == "False"

@@ -1,4 +1,4 @@
-"""prune.py and eval.py: pruned models against masked full models, file sizes, expert selection, the
+"""prune.py, eval.py and sweep.py: pruned models against masked full models, file sizes, expert selection, the
 evaluation against a direct computation, the sweep's outputs, and bad inputs.
 
     python -m pytest tests/test_prune_eval.py -q
@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 import eval as evaluation
 import prune
+import sweep
 from checkpoint import load_model, save_checkpoint
 from data.corpus import Corpus
 from errors import UserError
@@ -41,7 +42,7 @@ def masked_full_logits(full, kept_per_layer, idx):
         removed[kept] = False
         original = router.logits
         router.logits = lambda x, original=original, removed=removed: original(x).masked_fill(removed, float("-inf"))
-    return model(idx, token_routing=True)[0]
+    return model(idx)
 
 
 @pytest.mark.parametrize("router", ["emo", "std"])
@@ -61,9 +62,9 @@ def test_pruned_logits_equal_masked_full_model(tiny_corpus, tiny_checkpoints, ro
         else:
             assert sizes == [keep, keep] and pruned.cfg.n_experts == keep
         assert pruned.cfg.top_k == min(3, max(sizes))
-        logits = pruned(idx, token_routing=True)[0]
+        logits = pruned(idx)
         if keep == 8:
-            assert torch.equal(logits, full(idx, token_routing=True)[0])
+            assert torch.equal(logits, full(idx))
         torch.testing.assert_close(logits, masked_full_logits(full, kept, idx), rtol=1e-5, atol=1e-5)
 
 
@@ -122,17 +123,16 @@ def test_selection_keeps_the_experts_a_domain_uses(method):
 def test_scores_of_stacked_batches_equal_one_batch_at_a_time(tiny_corpus, tiny_checkpoints):
     model, _ = load_model(tiny_checkpoints["emo"])
     text = Corpus(tiny_corpus[0]).domain_tokens("val", "code")
-    batches = as_batches([text[32 * i:32 * (i + 1)] for i in range(5)] + [text[200 + 20 * i:220 + 20 * i]
-                                                                          for i in range(3)])
-    stacked = prune.stack_equal_lengths(batches, rows=2)
-    assert [tuple(idx.shape) for idx, _ in stacked] == [(2, 32), (2, 32), (1, 32), (2, 20), (1, 20)]
+    batches = as_batches([text[32 * i:32 * (i + 1)] for i in range(5)])
+    stacked = [(torch.cat([idx for idx, _ in group]), torch.cat([scored for _, scored in group]))
+               for group in (batches[:3], batches[3:])]  # (3, 32) and (2, 32)
     for method in ("global", "frequency", "easy_ep"):
         one_at_a_time = [torch.zeros(block.moe.router.n_routed) for block in model.layers]
         n_tokens = sum(int(scored.sum()) for _, scored in batches)
-        for batch in batches:  # expert_scores stacks what it is given: give it one batch at a time
+        for batch in batches:  # one sequence at a time
             for total, score in zip(one_at_a_time, prune.expert_scores(model, [batch], method)):
                 total += score * int(batch[1].sum()) / n_tokens
-        for a, b in zip(prune.expert_scores(model, batches, method), one_at_a_time):
+        for a, b in zip(prune.expert_scores(model, stacked, method), one_at_a_time):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
 
 
@@ -147,13 +147,13 @@ def test_random_selection_is_a_seeded_control():
 def test_evaluation_equals_a_direct_computation(tiny_corpus, tiny_checkpoints):
     corpus = Corpus(tiny_corpus[0])
     model, _ = load_model(tiny_checkpoints["std"])
-    results = evaluation.evaluate_domains(model, corpus, "val", 32, 3, 100, torch.device("cpu"))
+    results = evaluation.evaluate_domains(model, corpus, "val", 3, 100, torch.device("cpu"))
     for domain, result in results.items():
         tokens = torch.from_numpy(corpus.domain_tokens("val", domain)[:101].astype(np.int64))
         nll, correct = 0.0, 0
         for start in range(0, 100, 32):  # window by window, each token scored once
             x, y = tokens[start:min(start + 32, 100)], tokens[start + 1:min(start + 33, 101)]
-            log_probs = F.log_softmax(model(x[None], token_routing=True)[0][0], dim=-1)
+            log_probs = F.log_softmax(model(x[None])[0], dim=-1)
             nll -= log_probs.gather(1, y[:, None]).sum().item()
             correct += (log_probs.argmax(-1) == y).sum().item()
         assert result["tokens"] == 100
@@ -164,9 +164,9 @@ def test_evaluation_equals_a_direct_computation(tiny_corpus, tiny_checkpoints):
 
 def test_sweep_writes_table_and_plots(tiny_corpus, tiny_checkpoints, tmp_path):
     out = tmp_path / "sweep"
-    evaluation.main(["--sweep", "--ckpt", f"{tiny_checkpoints['emo']},{tiny_checkpoints['std']}",
-                     "--data_dir", tiny_corpus[0], "--keep", "1.0,0.5,0.25", "--calib_docs", "2",
-                     "--max_tokens", "64", "--out", str(out), "--method", "global"])
+    sweep.main(["--ckpt", f"{tiny_checkpoints['emo']},{tiny_checkpoints['std']}",
+                "--data_dir", tiny_corpus[0], "--keep", "1.0,0.5,0.25", "--calib_docs", "2",
+                "--max_tokens", "64", "--out", str(out), "--method", "global"])
     rows = json.load(open(out / "results.json"))
     assert len(rows) == 2 * 4 * 3  # models x domains x fractions
     for r in rows:
@@ -234,11 +234,12 @@ def test_sweeps_run_side_by_side_combine_into_the_joint_sweep(tiny_corpus, tiny_
     import report
     common = ["--data_dir", tiny_corpus[0], "--keep", "1.0,0.5", "--calib_docs", "2", "--max_tokens", "64"]
     for router in ("emo", "std"):
-        evaluation.main(["--sweep", "--ckpt", tiny_checkpoints[router], "--out", str(tmp_path / router), *common])
-    evaluation.main(["--sweep", "--ckpt", f"{tiny_checkpoints['emo']},{tiny_checkpoints['std']}",
-                     "--out", str(tmp_path / "joint"), *common])
+        sweep.main(["--ckpt", tiny_checkpoints[router], "--out", str(tmp_path / router), *common])
+    sweep.main(["--ckpt", f"{tiny_checkpoints['emo']},{tiny_checkpoints['std']}", "--out", str(tmp_path / "joint"),
+                *common])
     report.combine([str(tmp_path / "emo"), str(tmp_path / "std")], str(tmp_path / "combined"))
-    assert json.load(open(tmp_path / "combined" / "results.json")) == json.load(open(tmp_path / "joint" / "results.json"))
+    combined, joint = (json.load(open(tmp_path / name / "results.json")) for name in ("combined", "joint"))
+    assert combined == joint
     assert open(tmp_path / "combined" / "table.md").read() == open(tmp_path / "joint" / "table.md").read()
     stats, table = report.spread_table([str(tmp_path / "joint"), str(tmp_path / "combined")])
     assert all(half == 0 for s in stats.values() for _, half in s.values()) and "± 0.000" in table

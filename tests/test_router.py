@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 
+from model import ModelConfig
 from router import Router, document_ids, expert_counts, load_balancing_loss, pool_mask, z_loss
 
 EOS = 0
@@ -57,7 +58,9 @@ def batches():
 
 def make_router(kind="emo", n_experts=17, n_shared=1, top_k=5, pool=(2, 9), pool_eval=0, d_model=12, seed=0):
     torch.manual_seed(seed)
-    return Router(d_model, n_experts, n_shared, top_k, kind, pool[0], pool[1], pool_eval)
+    cfg = ModelConfig(d_model=d_model, n_head=1, n_experts=n_experts, n_shared=n_shared, top_k=top_k, router=kind,
+                      pool_min=pool[0], pool_max=pool[1], pool_eval=pool_eval)
+    return Router(cfg, n_experts)
 
 
 @pytest.mark.parametrize("idx", batches())
@@ -148,9 +151,9 @@ def test_eval_pool_is_fixed_and_zero_means_token_routing():
     token.eval()
     std = make_router("std")
     assert torch.equal(token(x, ids).experts, std(x, ids).experts)
-    # token_routing ignores pools even in training
+    # without document ids (a KV cache) pools are ignored even in training
     router.train()
-    assert torch.equal(router(x, ids, token_routing=True).experts, std(x, ids).experts)
+    assert torch.equal(router(x, None).experts, std(x, ids).experts)
 
 
 def test_standard_router_ignores_documents():

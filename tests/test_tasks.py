@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 import tasks
+from errors import UserError
 from model import EMO, ModelConfig
 from tasks import ANSWER, CHOICES, ITEMS_PER_DOCUMENT, PASSAGE
 
@@ -47,7 +48,7 @@ def tiny_model(doc_attention=False):
 
 def direct_log_likelihood(model, context, continuation):
     sequence = torch.tensor(np.concatenate([context, continuation]))[None]
-    log_probs = F.log_softmax(model(sequence[:, :-1], token_routing=True)[0][0], dim=-1)
+    log_probs = F.log_softmax(model(sequence[:, :-1])[0], dim=-1)
     return sum(log_probs[len(context) - 1 + t, int(token)].item() for t, token in enumerate(continuation))
 
 
@@ -67,9 +68,21 @@ def test_scores_are_conditional_minus_unconditional_log_likelihoods(doc_attentio
 
 
 def test_demonstrations_score_the_answer_only():
-    demos = tasks.demonstrations(documents(), n=9)
-    assert len(demos) == 9
-    for tokens, mask in demos:
-        assert tokens.shape == mask.shape == (1, PASSAGE + ANSWER)
-        assert not mask[0, :PASSAGE].any() and mask[0, PASSAGE:].all()
-    assert tasks.demonstrations([np.array([1, 2, EOS])], n=4) == []
+    tokens, mask = tasks.demonstrations(documents(), n=9)
+    assert tokens.shape == mask.shape == (9, PASSAGE + ANSWER)
+    assert not mask[:, :PASSAGE].any() and mask[:, PASSAGE:].all()
+    with pytest.raises(UserError, match="long enough"):
+        tasks.demonstrations([np.array([1, 2, EOS])], n=4)
+
+
+@pytest.mark.parametrize("doc_attention", [False, True])
+def test_shared_context_scoring_equals_the_definition(doc_attention):
+    """Each passage computed once for its choices (a copied KV cache) gives log_likelihoods' numbers."""
+    model = tiny_model(doc_attention)
+    items = tasks.task_items(documents(), seed=2)[:4]
+    passages = torch.from_numpy(np.stack([item.passage for item in items]).astype(np.int64))
+    choices = torch.from_numpy(np.stack([c for item in items for c in item.choices]).astype(np.int64))
+    device = torch.device("cpu")
+    shared = tasks.shared_context_log_likelihoods(model, passages, choices, 6, device)
+    torch.testing.assert_close(shared, tasks.log_likelihoods(model, passages, choices, 6, device), rtol=1e-5,
+                               atol=1e-4)

@@ -14,8 +14,10 @@ import torch
 import eval as evaluation
 import prune
 import sample
+import sweep
 from checkpoint import load_model, model_name
-from data.tokenizer import encoding_from_record, load_tokenizer, read_tokenizer_json, tokenizer_json
+from data.tokenizer import from_record, load_tokenizer
+from data.tokenizer_json import read_tokenizer_json, tokenizer_json
 from data.user import example_batches, read_examples, tokenize_examples
 from errors import UserError, run_command
 from tests.test_cli import one_line_error
@@ -46,7 +48,7 @@ def test_the_whole_user_path(tiny_checkpoints, tmp_path, capsys):
     out = capsys.readouterr().out
     row = next(line for line in out.splitlines() if line.split()[:1] == ["recipes"])  # the domain's row
     loss, tokens = float(row.split()[1]), int(row.split()[-1])
-    encoding = encoding_from_record(ckpt["tokenizer"])
+    encoding = from_record(ckpt["tokenizer"])
     expected_tokens = sum(len(encoding.encode_ordinary(t.text)) + 1 for t in read_examples(held_out)) - 1
     assert tokens == expected_tokens and 0 < loss < 20
     # the Hugging Face export carries the tokenizer and the pruning record; it reloads to the same model
@@ -56,8 +58,8 @@ def test_the_whole_user_path(tiny_checkpoints, tmp_path, capsys):
     assert all(k[-1] == 7 for k in record["experts_kept_per_layer"])  # the shared expert, original id
     reloaded, reloaded_ckpt = load_model(str(hf))
     idx = torch.tensor([encoding.encode_ordinary("Recipe 9: whisk the eggs")])
-    torch.testing.assert_close(reloaded.float()(idx)[0], model(idx)[0], rtol=3e-2, atol=3e-2)  # bf16 export
-    assert encoding_from_record(reloaded_ckpt["tokenizer"]).encode_ordinary("bake until golden") == \
+    torch.testing.assert_close(reloaded.float()(idx), model(idx), rtol=3e-2, atol=3e-2)  # bf16 export
+    assert from_record(reloaded_ckpt["tokenizer"]).encode_ordinary("bake until golden") == \
         encoding.encode_ordinary("bake until golden")
     # and it samples, greedily the same as the .pt
     for path in (str(hf), str(pruned) + ".pt"):
@@ -68,9 +70,9 @@ def test_the_whole_user_path(tiny_checkpoints, tmp_path, capsys):
 
 def test_a_sweep_over_a_user_domain(tiny_checkpoints, tmp_path):
     calib, held_out = write_recipes(tmp_path / "calib", 4, 2), write_recipes(tmp_path / "eval", 6, 3)
-    evaluation.main(["--sweep", "--ckpt", f"{tiny_checkpoints['emo']},{tiny_checkpoints['std']}", "--calib",
-                     f"recipes={calib}", "--data", f"recipes={held_out}", "--keep", "1.0,0.5", "--out",
-                     str(tmp_path / "sweep"), "--method", "global"])
+    sweep.main(["--ckpt", f"{tiny_checkpoints['emo']},{tiny_checkpoints['std']}", "--calib", f"recipes={calib}",
+                "--data", f"recipes={held_out}", "--keep", "1.0,0.5", "--out", str(tmp_path / "sweep"),
+                "--method", "global"])
     rows = json.load(open(tmp_path / "sweep" / "results.json"))
     models = [model_name(tiny_checkpoints[router]) for router in ("emo", "std")]
     assert {(r["model"], r["domain"], r["keep"]) for r in rows} == {(m, "recipes", k) for m in models for k in (8, 4)}
@@ -85,8 +87,20 @@ def test_prompt_answer_examples_score_the_answer(tmp_path):
     assert scored.tolist() == [False] * len(encoding.encode_ordinary("2 + 2 =")) + [True, True]
     # a long demonstration keeps its end (the answer) in the model's window
     (tmp_path / "long.jsonl").write_text('{"prompt": "' + "word " * 50 + '", "answer": " yes"}\n')
-    (idx, mask), = example_batches(tokenize_examples(read_examples(str(tmp_path / "long.jsonl")), encoding, 50256), 16)
+    long = tokenize_examples(read_examples(str(tmp_path / "long.jsonl")), encoding, 50256)
+    (idx, mask), = example_batches(long, 16, n=4)
     assert idx.shape == (1, 16) and mask[0, -2:].all() and not mask[0, :-2].any()
+
+
+def test_calibration_pieces_of_one_length_share_a_batch():
+    """Documents cut into pieces of seq_len; consecutive pieces of one length stacked, rows at a time."""
+    import numpy as np
+    documents = [(np.arange(64), np.ones(64, dtype=bool)), (np.arange(40), np.ones(40, dtype=bool)),
+                 (np.arange(20), np.ones(20, dtype=bool)), (np.arange(20), np.ones(20, dtype=bool))]
+    batches = example_batches(documents, 32, n=6, rows=2)  # pieces 32 32 | 32 8 | 20 20
+    assert [tuple(idx.shape) for idx, _ in batches] == [(2, 32), (1, 32), (1, 8), (2, 20)]
+    assert batches[0][0][1].tolist() == list(range(32, 64)) and batches[1][0][0].tolist() == list(range(32))
+    assert [tuple(idx.shape) for idx, _ in example_batches(documents, 32, n=3, rows=2)] == [(2, 32), (1, 32)]
 
 
 def test_folders_are_read_recursively_without_hidden_files(tmp_path):
@@ -170,7 +184,7 @@ def test_a_checkpoint_without_tokenizer_needs_one_given(tiny_checkpoints, tmp_pa
 
 def test_training_records_the_tokenizer(tiny_checkpoints, tiny_corpus):
     ckpt = torch.load(f"{tiny_checkpoints['std']}/ckpt.pt", weights_only=False)
-    encoding = encoding_from_record(ckpt["tokenizer"])
+    encoding = from_record(ckpt["tokenizer"])
     corpus_encoding = load_tokenizer(f"{tiny_corpus[0]}/{tiny_corpus[2]['tokenizer_file']}")
     text = "code 3: def return x += None"
     assert encoding.encode_ordinary(text) == corpus_encoding.encode_ordinary(text)
