@@ -221,8 +221,12 @@ class Block(nn.Module):
         self.moe_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.moe = MoE(cfg, n_experts)
 
+    def attend(self, x, cos, sin, attn_mask, cache=None):
+        """The block's first half: x + attention(RMSNorm(x))."""
+        return x + self.attn(self.attn_norm(x), cos, sin, attn_mask, cache)
+
     def forward(self, x, cos, sin, attn_mask, doc_ids, cache=None):
-        x = x + self.attn(self.attn_norm(x), cos, sin, attn_mask, cache)
+        x = self.attend(x, cos, sin, attn_mask, cache)
         y, routing = self.moe(self.moe_norm(x), doc_ids)
         return x + y, routing
 
@@ -264,11 +268,9 @@ class EMO(nn.Module):
         active_matmul = self.num_params()[1] - self.embed.weight.numel()
         return 6 * active_matmul + 12 * cfg.n_layer * cfg.d_model * T
 
-    def hidden_states(self, idx, cache=None):
-        """The transformer without its head: idx (B, T) -> (final hidden states (B, T, C) after the last
-        RMSNorm, stats). With a KVCache, idx are the tokens after those cached. stats: lb_loss, z_loss
-        (averaged over layers), expert_counts (one (Er,) tensor per layer), pool_size. (Callers that need the
-        logits of a few positions only apply lm_head to those.)"""
+    def layer_inputs(self, idx, cache=None):
+        """What every block takes for the tokens idx (B, T): (embeddings x (B, T, C), RoPE cos and sin (T, hd),
+        the attention mask (None: causal), the router's document ids (B, T) (None: token routing))."""
         T = idx.shape[1]
         start, all_tokens = (0, idx) if cache is None else cache.add_tokens(idx)
         all_doc_ids = document_ids(all_tokens, self.cfg.eos_id)  # (B, S)
@@ -276,8 +278,15 @@ class EMO(nn.Module):
         if self.cfg.doc_attention or cache is not None:
             attn_mask = attention_mask(all_doc_ids, T, self.cfg.doc_attention)
         cos, sin = rope_tables(self.cfg.d_model // self.cfg.n_head, T, self.cfg.rope_theta, idx.device, start)
-        doc_ids = all_doc_ids if cache is None else None  # (B, T) for the router's pools; None: token routing
-        x = self.embed(idx)  # (B, T, C)
+        doc_ids = all_doc_ids if cache is None else None  # a cache holds no whole documents to pool over
+        return self.embed(idx), cos, sin, attn_mask, doc_ids
+
+    def hidden_states(self, idx, cache=None):
+        """The transformer without its head: idx (B, T) -> (final hidden states (B, T, C) after the last
+        RMSNorm, stats). With a KVCache, idx are the tokens after those cached. stats: lb_loss, z_loss
+        (averaged over layers), expert_counts (one (Er,) tensor per layer), pool_size. (Callers that need the
+        logits of a few positions only apply lm_head to those.)"""
+        x, cos, sin, attn_mask, doc_ids = self.layer_inputs(idx, cache)
         routings = []
         for i, block in enumerate(self.layers):
             x, routing = block(x, cos, sin, attn_mask, doc_ids, None if cache is None else cache.layers[i])

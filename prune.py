@@ -16,9 +16,11 @@ tokenized with the checkpoint's tokenizer (or --tokenizer). --calib_docs caps ho
 --keep is a fraction of the original model's experts (with a decimal point: 0.25, 1.0) or a count (16).
 Methods (scores per routed expert, averaged over the scored calibration tokens):
     greedy     the release's default: layers in order, layer l scored by its mean router probability with
-               layers < l already pruned
-    global     mean router probability, all layers from one pass of the full model; the layers share the
-               budget (keep x n_layer experts in all), so their counts may differ, as the release's global method
+               layers < l already pruned (streamed: each layer runs once)
+    global     the release's: mean router probability, every layer from one pass of the full model, the same
+               count kept in every layer
+    global_budget   as global, but the layers share the budget (keep x n_layer experts in all) by score, so
+               their counts may differ
     frequency  how often the expert is among a token's top-k
     easy_ep    EASY-EP: routing weight x expert output norm x (1 - cos(h, h + moe_out)), h the MoE input
     random     a random choice (a control)
@@ -49,7 +51,7 @@ from hf import export_hf
 from kernels import swiglu
 from tasks import demonstrations
 
-METHODS = ("greedy", "global", "frequency", "easy_ep", "random")
+METHODS = ("greedy", "global", "global_budget", "frequency", "easy_ep", "random")
 
 
 def keep_count(keep, n_original, n_shared):
@@ -113,7 +115,7 @@ def layer_score(moe, moe_input, moe_output, routing, scored, method):
     the MoE's input (after its RMSNorm), moe_output what it adds to the residual stream, scored (N,) bool."""
     router = moe.router
     h = moe_input.flatten(0, 1)[scored]  # (n, C) the scored tokens
-    if method in ("greedy", "global"):
+    if method in ("greedy", "global", "global_budget"):  # mean router probability
         return router.logits(h).softmax(-1).sum(0)
     kr = router.k_routed
     chosen, weights = routing.experts[scored, :kr], routing.weights[scored, :kr]  # (n, kr)
@@ -149,7 +151,7 @@ def prune_layer(moe, routed_ids):
 
 def routed_counts_across_layers(all_scores, n_routed_total):
     """How many routed experts each layer keeps when the best n_routed_total of all layers' experts are
-    kept together (the global method): every layer keeps at least one, then the highest scores win."""
+    kept together (global_budget): every layer keeps at least one, then the highest scores win."""
     counts = [1] * len(all_scores)
     rest = torch.cat([s.sort(descending=True).values[1:] for s in all_scores])  # each layer's best is taken
     layer_of = torch.cat([torch.full((len(s) - 1,), i) for i, s in enumerate(all_scores)])
@@ -158,28 +160,57 @@ def routed_counts_across_layers(all_scores, n_routed_total):
     return counts
 
 
-def prune(model, batches, keep, method, seed=0):
-    """Prune model in place to keep experts per layer (shared included); 'global' keeps that many on
-    average, the layers sharing the budget by score (so counts may differ between layers, as the release's
-    global method). Returns, per layer, the kept routed experts (layer-local ids before pruning) and every
-    routed expert's score."""
-    n_shared, n_layer = model.cfg.n_shared, model.cfg.n_layer
-    routed_counts = [keep - n_shared] * n_layer
-    if method in ("global", "frequency", "easy_ep"):
-        all_scores = expert_scores(model, batches, method)
-        if method == "global":
-            routed_counts = routed_counts_across_layers(all_scores, n_layer * (keep - n_shared))
+def keep_best(moe, scores, n_routed):
+    """Prune one layer to its n_routed best-scoring routed experts (and the shared ones); its record."""
+    kept = scores.topk(n_routed).indices.sort().values
+    prune_layer(moe, kept)
+    return {"kept": kept.tolist(), "scores": [round(s, 6) for s in scores.tolist()]}
+
+
+@torch.no_grad()
+def greedy_layerwise(model, batches, n_routed):
+    """The release's default: layers in order, layer l scored by its mean router probability over the scored
+    calibration tokens with layers < l already pruned. Streamed, so every layer runs once: the batches' hidden
+    states go from layer to layer, each layer's MoE input scored, the layer pruned, then run pruned.
+    Returns each layer's record (keep_best)."""
+    device = model.embed.weight.device
+    was_training = model.training
+    model.eval()
+    states = [model.layer_inputs(idx.to(device)) for idx, _ in batches]  # per batch: x, cos, sin, mask, doc ids
+    scored = [mask.flatten().to(device) for _, mask in batches]
+    n_tokens = sum(int(mask.sum()) for mask in scored)
     layers = []
-    for i, block in enumerate(model.layers):
+    for block in model.layers:
+        attended = [block.attend(x, cos, sin, attn_mask) for x, cos, sin, attn_mask, _ in states]  # (b, T, C) each
+        moe_inputs = [block.moe_norm(h) for h in attended]
+        total = torch.zeros(block.moe.router.n_routed, device=device)
+        for moe_input, mask in zip(moe_inputs, scored):
+            total += block.moe.router.logits(moe_input.flatten(0, 1)[mask]).softmax(-1).sum(0)
+        layers.append(keep_best(block.moe, total.cpu() / max(n_tokens, 1), n_routed))
+        for b, (h, moe_input) in enumerate(zip(attended, moe_inputs)):  # this layer's output, pruned
+            x, *rest = states[b]
+            states[b] = (h + block.moe(moe_input, rest[-1])[0], *rest)
+    model.train(was_training)
+    return layers
+
+
+def prune(model, batches, keep, method, seed=0):
+    """Prune model in place to keep experts per layer (shared included); global_budget keeps that many on
+    average, the layers sharing the budget by score (so counts may differ between layers). Returns, per layer,
+    the kept routed experts (layer-local ids before pruning) and every routed expert's score."""
+    n_shared, n_layer = model.cfg.n_shared, model.cfg.n_layer
+    if method == "greedy":
+        layers = greedy_layerwise(model, batches, keep - n_shared)
+    else:
         if method == "random":
-            scores = torch.rand(block.moe.router.n_routed, generator=torch.Generator().manual_seed(seed + i))
-        elif method == "greedy":  # scored with the layers before it already pruned
-            scores = expert_scores(model, batches, method)[i]
-        else:
-            scores = all_scores[i]
-        kept = scores.topk(routed_counts[i]).indices.sort().values
-        layers.append({"kept": kept.tolist(), "scores": [round(s, 6) for s in scores.tolist()]})
-        prune_layer(block.moe, kept)  # before the next layer is scored (what makes greedy layer-wise)
+            all_scores = [torch.rand(block.moe.router.n_routed, generator=torch.Generator().manual_seed(seed + i))
+                          for i, block in enumerate(model.layers)]
+        else:  # one pass of the full model scores every layer
+            all_scores = expert_scores(model, batches, method)
+        routed_counts = [keep - n_shared] * n_layer
+        if method == "global_budget":
+            routed_counts = routed_counts_across_layers(all_scores, n_layer * (keep - n_shared))
+        layers = [keep_best(block.moe, scores, n) for block, scores, n in zip(model.layers, all_scores, routed_counts)]
     sizes = [block.moe.w_up_gate.shape[0] for block in model.layers]
     uniform = len(set(sizes)) == 1
     model.cfg = dataclasses.replace(model.cfg, n_experts=max(sizes), top_k=min(model.cfg.top_k, max(sizes)),

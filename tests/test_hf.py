@@ -147,9 +147,9 @@ def test_export_then_load_gives_identical_logits(tmp_path, layers_per_shard):
     assert torch.equal(loaded(idx), model(idx))
 
 
-@pytest.mark.parametrize("method", ["greedy", "global"])
+@pytest.mark.parametrize("method", ["greedy", "global_budget"])
 def test_export_then_load_a_pruned_model(tmp_path, method):
-    """Layer-wise methods keep the same count everywhere; the global one may keep different counts per
+    """Layer-wise methods keep the same count everywhere; global_budget may keep different counts per
     layer (num_experts_per_layer), which load back into the same model."""
     model = tiny_model()
     batches = [(torch.randint(0, V, (1, 12)), torch.ones(1, 12, dtype=torch.bool)) for _ in range(3)]

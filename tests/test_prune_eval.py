@@ -57,7 +57,7 @@ def test_pruned_logits_equal_masked_full_model(tiny_corpus, tiny_checkpoints, ro
         kept = [layer["kept"] for layer in layers]
         sizes = [block.moe.w_up_gate.shape[0] for block in pruned.layers]
         assert sizes == pruned.cfg.layer_experts() == [len(k) + 1 for k in kept]
-        if method == "global":  # the budget is shared between layers, each keeping at least one routed expert
+        if method == "global_budget":  # the budget is shared between layers, each keeping at least one routed expert
             assert sum(sizes) == 2 * keep and min(sizes) >= 2
         else:
             assert sizes == [keep, keep] and pruned.cfg.n_experts == keep
@@ -134,6 +134,46 @@ def test_scores_of_stacked_batches_equal_one_batch_at_a_time(tiny_corpus, tiny_c
                 total += score * int(batch[1].sum()) / n_tokens
         for a, b in zip(prune.expert_scores(model, stacked, method), one_at_a_time):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+def greedy_by_full_passes(model, batches, n_routed):
+    """The layer-wise greedy method computed plainly: for each layer, the whole model run on the calibration
+    batches with the layers before it already pruned."""
+    records = []
+    for i, block in enumerate(model.layers):
+        scores = prune.expert_scores(model, batches, "greedy")[i]
+        records.append(prune.keep_best(block.moe, scores, n_routed))
+    return records
+
+
+@pytest.mark.parametrize("router", ["emo", "std"])
+def test_streamed_greedy_equals_full_passes_and_runs_each_layer_once(tiny_corpus, tiny_checkpoints, router):
+    model, _ = load_model(tiny_checkpoints[router])
+    batches = tokens_of(tiny_corpus[0], "math", n=3)
+    reference = copy.deepcopy(model)
+    calls = [0] * len(model.layers)
+    for i, block in enumerate(model.layers):
+        block.attn.register_forward_hook(lambda *_, i=i: calls.__setitem__(i, calls[i] + 1))
+    for n_routed in (3, 1):
+        streamed = prune.greedy_layerwise(model, batches, n_routed)
+        assert calls == [len(batches)] * len(model.layers)  # each layer once per batch
+        calls[:] = [0] * len(model.layers)
+        assert streamed == greedy_by_full_passes(reference, batches, n_routed)  # the same scores, the same sets
+    idx = batches[0][0]
+    assert torch.equal(model(idx), reference(idx))
+
+
+def test_global_keeps_the_top_of_each_layer_from_one_pass(monkeypatch):
+    """The release's global: each layer's top (keep - shared) experts by one pass's scores, the same count in
+    every layer; global_budget lets a layer of high scores keep more."""
+    scores = [torch.tensor([0.9, 0.8, 0.7, 0.01, 0.02, 0.03, 0.04]),
+              torch.tensor([0.1, 0.3, 0.2, 0.15, 0.0, 0.05, 0.1])]
+    passes = []
+    monkeypatch.setattr(prune, "expert_scores", lambda model, batches, method: passes.append(method) or scores)
+    layers = prune.prune(routed_by_design(), [], 3, "global")
+    assert passes == ["global"] and [layer["kept"] for layer in layers] == [[0, 1], [1, 2]]
+    layers = prune.prune(routed_by_design(), [], 3, "global_budget")  # 4 routed in all: 3 + 1
+    assert [layer["kept"] for layer in layers] == [[0, 1, 2], [1]]
 
 
 def test_random_selection_is_a_seeded_control():
