@@ -7,6 +7,7 @@ min(top_k, kept).
     python prune.py --ckpt out/emo_tiny --domain python --keep 0.125           # 8 of 64 experts per layer
     python prune.py --ckpt out/emo_tiny --domain math --keep 16 --method global --calib_docs 1
     python prune.py --ckpt out/emo_tiny --calib my_notes/ --domain notes --keep 0.25     # your own text
+    python prune.py --ckpt out/emo_tiny --domain python,c --keep 0.125      # both domains' 8 experts, composed
 
 Calibration examples: for a domain of the built-in corpus (--domain, --data_dir), task demonstrations made
 from its calibration documents (tasks.py: a passage and its true continuation, the continuation's tokens
@@ -160,62 +161,89 @@ def routed_counts_across_layers(all_scores, n_routed_total):
     return counts
 
 
-def keep_best(moe, scores, n_routed):
-    """Prune one layer to its n_routed best-scoring routed experts (and the shared ones); its record."""
-    kept = scores.topk(n_routed).indices.sort().values
+def mean_score(scores):
+    """The mean of the domains' scores [(Er,)] (one domain's as they are)."""
+    return scores[0] if len(scores) == 1 else torch.stack(scores).mean(0)
+
+
+def keep_best(moe, scores, n_routed, compose="union"):
+    """Prune one layer from each calibration domain's scores [(Er,)]: one domain keeps its n_routed best routed
+    experts (and the shared ones). Several domains (composition) keep the union of each one's n_routed best
+    (compose 'union': up to the sum of their budgets) or the n_routed best of their mean score ('mean': the
+    budget of one). Returns the layer's record: the kept ids and the (mean) scores."""
+    mean = mean_score(scores)
+    if compose == "union":
+        kept = torch.cat([s.topk(n_routed).indices for s in scores]).unique()  # sorted
+    else:
+        kept = mean.topk(n_routed).indices.sort().values
     prune_layer(moe, kept)
-    return {"kept": kept.tolist(), "scores": [round(s, 6) for s in scores.tolist()]}
+    return {"kept": kept.tolist(), "scores": [round(s, 6) for s in mean.tolist()]}
 
 
 @torch.no_grad()
-def greedy_layerwise(model, batches, n_routed):
+def greedy_layerwise(model, calibrations, n_routed, compose="union"):
     """The release's default: layers in order, layer l scored by its mean router probability over the scored
     calibration tokens with layers < l already pruned. Streamed, so every layer runs once: the batches' hidden
     states go from layer to layer, each layer's MoE input scored, the layer pruned, then run pruned.
-    Returns each layer's record (keep_best)."""
+    calibrations: one list of batches per domain. Returns each layer's record (keep_best)."""
     device = model.embed.weight.device
     was_training = model.training
     model.eval()
-    states = [model.layer_inputs(idx.to(device)) for idx, _ in batches]  # per batch: x, cos, sin, mask, doc ids
-    scored = [mask.flatten().to(device) for _, mask in batches]
-    n_tokens = sum(int(mask.sum()) for mask in scored)
+    # per domain, per batch: the block inputs (x, cos, sin, mask, doc ids) and the scored tokens (N,)
+    states = [[model.layer_inputs(idx.to(device)) for idx, _ in batches] for batches in calibrations]
+    scored = [[mask.flatten().to(device) for _, mask in batches] for batches in calibrations]
     layers = []
     for block in model.layers:
-        attended = [block.attend(x, cos, sin, attn_mask) for x, cos, sin, attn_mask, _ in states]  # (b, T, C) each
-        moe_inputs = [block.moe_norm(h) for h in attended]
-        total = torch.zeros(block.moe.router.n_routed, device=device)
-        for moe_input, mask in zip(moe_inputs, scored):
-            total += block.moe.router.logits(moe_input.flatten(0, 1)[mask]).softmax(-1).sum(0)
-        layers.append(keep_best(block.moe, total.cpu() / max(n_tokens, 1), n_routed))
-        for b, (h, moe_input) in enumerate(zip(attended, moe_inputs)):  # this layer's output, pruned
-            x, *rest = states[b]
-            states[b] = (h + block.moe(moe_input, rest[-1])[0], *rest)
+        attended = [[block.attend(x, cos, sin, mask) for x, cos, sin, mask, _ in domain] for domain in states]
+        moe_inputs = [[block.moe_norm(h) for h in domain] for domain in attended]
+        scores = []
+        for domain_inputs, domain_scored in zip(moe_inputs, scored):
+            total = torch.zeros(block.moe.router.n_routed, device=device)
+            for moe_input, mask in zip(domain_inputs, domain_scored):
+                total += block.moe.router.logits(moe_input.flatten(0, 1)[mask]).softmax(-1).sum(0)
+            scores.append(total.cpu() / max(sum(int(mask.sum()) for mask in domain_scored), 1))
+        layers.append(keep_best(block.moe, scores, n_routed, compose))
+        for domain, domain_attended, domain_inputs in zip(states, attended, moe_inputs):
+            for b, (h, moe_input) in enumerate(zip(domain_attended, domain_inputs)):  # the layer's output, pruned
+                x, *rest = domain[b]
+                domain[b] = (h + block.moe(moe_input, rest[-1])[0], *rest)
     model.train(was_training)
     return layers
 
 
-def prune(model, batches, keep, method, seed=0):
-    """Prune model in place to keep experts per layer (shared included); global_budget keeps that many on
-    average, the layers sharing the budget by score (so counts may differ between layers). Returns, per layer,
-    the kept routed experts (layer-local ids before pruning) and every routed expert's score."""
+def prune_composed(model, calibrations, keep, method, seed=0, compose="union"):
+    """Prune model in place for one or several domains, calibrations holding one list of batches per domain:
+    keep experts per layer (shared included) for each domain, composed as keep_best says. global_budget keeps
+    that many on average, the layers sharing the budget by (mean) score, so counts may differ between layers.
+    Returns, per layer, the kept routed experts (layer-local ids before pruning) and every expert's score."""
     n_shared, n_layer = model.cfg.n_shared, model.cfg.n_layer
     if method == "greedy":
-        layers = greedy_layerwise(model, batches, keep - n_shared)
+        layers = greedy_layerwise(model, calibrations, keep - n_shared, compose)
     else:
-        if method == "random":
-            all_scores = [torch.rand(block.moe.router.n_routed, generator=torch.Generator().manual_seed(seed + i))
-                          for i, block in enumerate(model.layers)]
-        else:  # one pass of the full model scores every layer
-            all_scores = expert_scores(model, batches, method)
+        if method == "random":  # a control: a draw per domain and layer
+            seeds = [[seed + i + 1000 * d for d in range(len(calibrations))] for i in range(n_layer)]
+            scores = [[torch.rand(block.moe.router.n_routed, generator=torch.Generator().manual_seed(s)) for s in layer]
+                      for block, layer in zip(model.layers, seeds)]
+        else:  # one pass of the full model scores every layer, per domain
+            per_domain = [expert_scores(model, batches, method) for batches in calibrations]
+            scores = [list(layer) for layer in zip(*per_domain)]
         routed_counts = [keep - n_shared] * n_layer
         if method == "global_budget":
-            routed_counts = routed_counts_across_layers(all_scores, n_layer * (keep - n_shared))
-        layers = [keep_best(block.moe, scores, n) for block, scores, n in zip(model.layers, all_scores, routed_counts)]
+            routed_counts = routed_counts_across_layers([mean_score(layer) for layer in scores],
+                                                        n_layer * (keep - n_shared))
+        layers = [keep_best(block.moe, layer_scores, n, compose)
+                  for block, layer_scores, n in zip(model.layers, scores, routed_counts)]
     sizes = [block.moe.w_up_gate.shape[0] for block in model.layers]
     uniform = len(set(sizes)) == 1
     model.cfg = dataclasses.replace(model.cfg, n_experts=max(sizes), top_k=min(model.cfg.top_k, max(sizes)),
                                     experts_per_layer=() if uniform else tuple(sizes))
     return layers
+
+
+def prune(model, batches, keep, method, seed=0):
+    """Prune model in place for one domain's calibration batches [(idx (b, T), scored (b, T))] (see
+    prune_composed)."""
+    return prune_composed(model, [batches], keep, method, seed)
 
 
 # Re-pruning: a pruned model may be pruned again for its domain (keeping fewer experts); its records always
@@ -247,7 +275,10 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ckpt", "--init_from", dest="ckpt", required=True,
                         help="checkpoint: file, run directory, Hugging Face folder or hub id")
-    parser.add_argument("--domain", default="", help="a domain of the built-in corpus, or the name of --calib's")
+    parser.add_argument("--domain", default="", help="a domain of the built-in corpus (several, comma-separated, "
+                        "compose their experts), or the name of --calib's")
+    parser.add_argument("--compose", default="union", choices=("union", "mean"),
+                        help="several domains: the union of each one's --keep experts, or --keep by their mean score")
     parser.add_argument("--calib", default="", help="your own calibration text: file, folder, glob or .jsonl")
     parser.add_argument("--tokenizer", default="", help="for --calib when the checkpoint records none: gpt2, "
                         "cl100k_base, dolma2, a rank file or a tokenizer.json")
@@ -266,22 +297,27 @@ def main(argv=None):
         raise UserError("give --domain (a domain of the built-in corpus) or --calib PATH (your own text)")
     if args.calib_docs < 1:
         raise UserError(f"--calib_docs {args.calib_docs}: at least one calibration example is needed")
+    domains = args.domain.split(",") if args.domain else []
+    if args.calib and len(domains) > 1:
+        raise UserError("--calib is one domain's text: compose several domains of the built-in corpus instead")
     model, ckpt = load_model(args.ckpt, args.device)
-    domain = args.domain or os.path.splitext(os.path.basename(os.path.normpath(args.calib)))[0]
+    domain = "+".join(domains) or os.path.splitext(os.path.basename(os.path.normpath(args.calib)))[0]
     n_original, source = original_model(ckpt, domain, args.ckpt)
     keep = keep_count(parse_keep(args.keep), n_original, model.cfg.n_shared)
     if keep > min(model.cfg.layer_experts()):
         raise UserError(f"{args.ckpt} keeps {min(model.cfg.layer_experts())} experts in a layer, it cannot keep {keep}")
     if args.calib:
         encoding = checkpoint_tokenizer(ckpt, args.tokenizer, args.ckpt)
-        batches = calibration_batches(args.calib, encoding, model.cfg, args.calib_docs)
+        calibrations = [calibration_batches(args.calib, encoding, model.cfg, args.calib_docs)]
     else:
         corpus = Corpus(args.data_dir)
         corpus.check_model(model.cfg.vocab_size, model.cfg.eos_id)
-        batches = [demonstrations(corpus.documents("calib", args.domain), args.calib_docs)]
-    layers = in_original_ids(prune(model, batches, keep, args.method, args.seed), ckpt)
-    n_examples = sum(len(idx) for idx, _ in batches)  # calibration sequences
+        calibrations = [[demonstrations(corpus.documents("calib", d), args.calib_docs)] for d in domains]
+    layers = prune_composed(model, calibrations, keep, args.method, args.seed, args.compose)
+    layers = in_original_ids(layers, ckpt)
+    n_examples = sum(len(idx) for batches in calibrations for idx, _ in batches)  # calibration sequences
     record = {"domain": domain, "keep": keep, "original_n_experts": n_original, "method": args.method,
+              **({"compose": args.compose} if len(domains) > 1 else {}),
               "calibration": args.calib or f"{args.data_dir} calibration documents", "calib_examples": n_examples,
               "source": source, "layers": layers}
     out = args.out or os.path.join("out", "pruned", model_name(args.ckpt), f"{domain}-keep{keep}-{args.method}")

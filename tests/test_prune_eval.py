@@ -142,7 +142,7 @@ def greedy_by_full_passes(model, batches, n_routed):
     records = []
     for i, block in enumerate(model.layers):
         scores = prune.expert_scores(model, batches, "greedy")[i]
-        records.append(prune.keep_best(block.moe, scores, n_routed))
+        records.append(prune.keep_best(block.moe, [scores], n_routed))
     return records
 
 
@@ -155,7 +155,7 @@ def test_streamed_greedy_equals_full_passes_and_runs_each_layer_once(tiny_corpus
     for i, block in enumerate(model.layers):
         block.attn.register_forward_hook(lambda *_, i=i: calls.__setitem__(i, calls[i] + 1))
     for n_routed in (3, 1):
-        streamed = prune.greedy_layerwise(model, batches, n_routed)
+        streamed = prune.greedy_layerwise(model, [batches], n_routed)
         assert calls == [len(batches)] * len(model.layers)  # each layer once per batch
         calls[:] = [0] * len(model.layers)
         assert streamed == greedy_by_full_passes(reference, batches, n_routed)  # the same scores, the same sets
@@ -174,6 +174,23 @@ def test_global_keeps_the_top_of_each_layer_from_one_pass(monkeypatch):
     assert passes == ["global"] and [layer["kept"] for layer in layers] == [[0, 1], [1, 2]]
     layers = prune.prune(routed_by_design(), [], 3, "global_budget")  # 4 routed in all: 3 + 1
     assert [layer["kept"] for layer in layers] == [[0, 1, 2], [1]]
+
+
+@pytest.mark.parametrize("method", ["greedy", "global"])
+def test_composed_domains_keep_both_and_equal_the_masked_full_model(method):
+    """Composing A (experts 0, 1) and B (experts 2, 3): the union keeps all four routed experts in every layer,
+    and the composed model's logits are the full model's with the other experts' router logits at -inf."""
+    full = routed_by_design()
+    composed = copy.deepcopy(full)
+    layers = prune.prune_composed(composed, [two_domain_batches("A"), two_domain_batches("B")], 3, method)
+    kept = [layer["kept"] for layer in layers]
+    assert kept == [[0, 1, 2, 3], [0, 1, 2, 3]] and composed.cfg.n_experts == 5
+    idx = torch.cat([two_domain_batches("A")[0][0], two_domain_batches("B")[0][0]])
+    torch.testing.assert_close(composed(idx), masked_full_logits(full, kept, idx), rtol=1e-5, atol=1e-5)
+    # at the budget of one domain: the best two by the mean of both domains' scores
+    shared = prune.prune_composed(routed_by_design(), [two_domain_batches("A"), two_domain_batches("B")], 3,
+                                  method, compose="mean")
+    assert all(len(layer["kept"]) == 2 for layer in shared)
 
 
 def test_random_selection_is_a_seeded_control():

@@ -1,0 +1,76 @@
+"""Fine-tuning (finetune.py): the loss is the answers' cross-entropy only, with the load-balancing weight of
+the release's fine-tune; routing is token by token; the schedule; a pruned model fine-tuned from the command line.
+
+    python -m pytest tests/test_finetune.py -q
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import finetune
+from checkpoint import load_model
+from model import EMO, ModelConfig
+
+EOS = 0
+
+
+def tiny_model():
+    torch.manual_seed(0)
+    return EMO(ModelConfig(vocab_size=64, eos_id=EOS, seq_len=32, n_layer=2, n_head=2, d_model=16, n_experts=8,
+                           top_k=3, expert_hidden=12, pool_min=2, pool_max=7, lm_z_weight=0.0))
+
+
+def demonstrations(n=6, T=24, answer=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randint(1, 64, (n, T), generator=g)
+    scored = torch.zeros(n, T, dtype=torch.bool)
+    scored[:, -answer:] = True
+    return idx, scored
+
+
+def test_the_loss_is_the_answers_cross_entropy_only():
+    model = tiny_model()
+    model.layers[0].moe.router.kind = model.layers[1].moe.router.kind = "std"  # as finetune() routes
+    idx, scored = demonstrations()
+    inputs, targets = finetune.answer_targets(idx, scored)
+    assert torch.equal(targets == -1, ~scored[:, 1:])  # a target where the next token is an answer token
+    torch.manual_seed(1)
+    loss, stats = finetune.finetune_loss(model, inputs, targets, lb_weight=0.01)
+    logits = model.lm_head(model.hidden_states(inputs)[0])  # the same routing: no pools drawn
+    answers = targets != -1
+    ce = F.cross_entropy(logits[answers], targets[answers])
+    torch.testing.assert_close(stats["lm_loss"], ce)
+    torch.testing.assert_close(loss, ce + 0.01 * stats["lb_loss"] + model.cfg.z_weight * stats["z_loss"])
+
+
+def test_schedule_warms_up_then_decays_to_zero():
+    cfg = finetune.FinetuneConfig(lr=1.0, warmup=0.1)
+    lrs = [finetune.learning_rate(step, 20, cfg) for step in range(20)]
+    assert lrs[:2] == [0.5, 1.0] and lrs[-1] == pytest.approx(1 / 18)
+    assert all(a >= b for a, b in zip(lrs[1:], lrs[2:]))
+
+
+def test_finetuning_lowers_the_answer_loss_and_routes_token_by_token():
+    model = tiny_model()
+    idx, scored = demonstrations(n=16)
+    cfg = finetune.FinetuneConfig(lr=1e-2, epochs=10, batch_size=4)
+    pools = []
+    for block in model.layers:
+        block.moe.router.register_forward_hook(lambda m, args, out: pools.append(out.pool_size.item()))
+    model, losses = finetune.finetune(model, [(idx, scored)], cfg)
+    assert len(losses) == 10 * 4 and sum(losses[-4:]) < 0.8 * sum(losses[:4])  # last epoch against the first
+    assert set(pools) == {7.0}  # every pass routed over all 7 routed experts: no pool
+    assert not model.training and {block.moe.router.kind for block in model.layers} == {"emo"}
+
+
+def test_finetune_command_keeps_the_pruning_record(tiny_corpus, tiny_checkpoints, tmp_path):
+    import prune
+    prune.main(["--ckpt", tiny_checkpoints["emo"], "--data_dir", tiny_corpus[0], "--domain", "code", "--keep", "4",
+                "--calib_docs", "2", "--out", str(tmp_path / "code")])
+    finetune.main(["--ckpt", str(tmp_path / "code.pt"), "--data_dir", tiny_corpus[0], "--n_examples", "8",
+                   "--batch_size", "4"])
+    model, ckpt = load_model(str(tmp_path / "code-ft.pt"))
+    assert ckpt["pruning"]["domain"] == "code" and ckpt["finetune"]["domain"] == "code"
+    assert ckpt["finetune"]["examples"] == 8 and len(ckpt["finetune"]["losses"]) == 2
+    assert model.cfg.n_experts == 4
