@@ -4,13 +4,16 @@
 #              every domain at 100/50/25/12.5% of the experts and evaluate loss, next-token and task
 #              accuracy, one model per core, and combine: out/sweep_tiny/ (table, plots, training curves).
 #              Safe to interrupt: run it again and each step resumes or is skipped once done.
+#   make paper: after make demo, the paper's other experiments on its two models (paper.py: pruned as is and
+#              fine-tuned, memory-matched baselines trained from scratch, selection methods, calibration size,
+#              composition; analyze.py: specialization): out/paper/report/.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 SHELL := bash
 .SHELLFLAGS := -eo pipefail -c
 
-.PHONY: test demo corpus
+.PHONY: test demo corpus paper
 
 # glibc hands freed buffers of more than a few MB back to the system, and every training step then page-faults
 # its activations in afresh; keeping them (mmap threshold 32 MB, no trimming below 16 GB) made the demo's CPU
@@ -44,3 +47,16 @@ demo: corpus
 	$(MAKE) -j2 sweep-emo_tiny sweep-std_tiny
 	$(PY) report.py --combine out/sweeps/emo_tiny,out/sweeps/std_tiny --out out/sweep_tiny
 	$(PY) report.py --curves out/emo_tiny,out/std_tiny --out out/sweep_tiny
+
+# one model's paper experiments, one per core; skipped once its rows are written
+paper-%: corpus
+	test -f out/paper/$*/rows.json || $(KEEP_FREED_MEMORY) OMP_NUM_THREADS=1 $(PY) paper.py run --ckpt out/$* \
+		--out out/paper/$* > out/paper_$*.log 2>&1
+
+paper: corpus
+	@test -f out/emo_tiny/ckpt.pt -a -f out/std_tiny/ckpt.pt || { echo "make paper uses make demo's models: run make demo first"; exit 2; }
+	mkdir -p out/paper
+	$(MAKE) -j2 train-std_tiny_e8 train-std_tiny_e16 train-dense_tiny paper-emo_tiny paper-std_tiny
+	$(PY) paper.py baselines --ckpt out/std_tiny_e8,out/std_tiny_e16,out/dense_tiny --out out/paper/baselines
+	$(PY) paper.py report --rows out/paper/emo_tiny,out/paper/std_tiny,out/paper/baselines --out out/paper/report
+	$(PY) analyze.py --ckpt out/emo_tiny,out/std_tiny --out out/paper/report

@@ -21,6 +21,7 @@ scored are never seen by it.
     items = task_items(corpus.documents("val", "python"), seed=0)
     accuracy = task_accuracy(model, items, batch_size=64, device=torch.device("cpu"))
     tokens, answer_mask = demonstrations(corpus.documents("calib", "python"), n=16)    # (16, T) each
+    tokens, every_token = few_shot_examples(corpus.documents("calib", "python"), n=4, shots=2)  # (4, 3 T)
 
 log_likelihoods is the plain definition (each passage and choice one sequence); shared_context_log_likelihoods
 computes the same numbers with each passage run once for its four choices, the speed-up the scoring uses.
@@ -87,6 +88,16 @@ def demonstrations(documents, n, seed=1):
     mask = torch.zeros_like(tokens, dtype=torch.bool)
     mask[:, PASSAGE:] = True
     return tokens, mask
+
+
+def few_shot_examples(documents, n, shots=2, seed=1):
+    """n calibration examples of the release's kind, in one batch: a few-shot prompt of `shots` demonstrations
+    (a passage and its true continuation each) then a passage and its gold continuation, every token of it
+    scored: tokens and mask (n, (shots + 1) * (PASSAGE + ANSWER)). Consecutive demonstrations come from
+    consecutive documents long enough (see demonstrations)."""
+    tokens, _ = demonstrations(documents, n * (shots + 1), seed)
+    tokens = tokens.view(n, -1)
+    return tokens, torch.ones_like(tokens, dtype=torch.bool)
 
 
 def continuation_log_probs(model, hidden, continuation):

@@ -75,6 +75,13 @@ def test_demonstrations_score_the_answer_only():
         tasks.demonstrations([np.array([1, 2, EOS])], n=4)
 
 
+def test_few_shot_examples_are_demonstrations_in_a_row_every_token_scored():
+    tokens, mask = tasks.few_shot_examples(documents(), n=3, shots=2, seed=4)
+    demos, _ = tasks.demonstrations(documents(), n=9, seed=4)
+    assert tokens.shape == mask.shape == (3, 3 * (PASSAGE + ANSWER)) and mask.all()
+    assert torch.equal(tokens, demos.view(3, -1))
+
+
 @pytest.mark.parametrize("doc_attention", [False, True])
 def test_shared_context_scoring_equals_the_definition(doc_attention):
     """Each passage computed once for its choices (a copied KV cache) gives log_likelihoods' numbers."""
