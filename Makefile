@@ -6,7 +6,8 @@
 #              Safe to interrupt: run it again and each step resumes or is skipped once done.
 #   make paper: after make demo, the paper's other experiments on its two models (paper.py: pruned as is and
 #              fine-tuned, memory-matched baselines trained from scratch, selection methods, calibration size,
-#              composition; analyze.py: specialization): out/paper/report/.
+#              composition; analyze.py: specialization): results/tiny_cpu/paper/ (tables.md, specialization.md,
+#              domain_similarity.png), rows in out/paper/.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -58,5 +59,5 @@ paper: corpus
 	mkdir -p out/paper
 	$(MAKE) -j2 train-std_tiny_e8 train-std_tiny_e16 train-dense_tiny paper-emo_tiny paper-std_tiny
 	$(PY) paper.py baselines --ckpt out/std_tiny_e8,out/std_tiny_e16,out/dense_tiny --out out/paper/baselines
-	$(PY) paper.py report --rows out/paper/emo_tiny,out/paper/std_tiny,out/paper/baselines --out out/paper/report
-	$(PY) analyze.py --ckpt out/emo_tiny,out/std_tiny --out out/paper/report
+	$(PY) paper.py report --rows out/paper/emo_tiny,out/paper/std_tiny,out/paper/baselines --out results/tiny_cpu/paper
+	$(PY) analyze.py --ckpt out/emo_tiny,out/std_tiny --out results/tiny_cpu/paper
