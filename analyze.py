@@ -167,7 +167,8 @@ def plot_similarity(results, domains, path):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--ckpt", dest="paths", type=checkpoint_paths, required=True, help="checkpoints, comma-separated")
+    parser.add_argument("--ckpt", dest="paths", type=checkpoint_paths, required=True,
+                        help="checkpoints, comma-separated")
     parser.add_argument("--data_dir", default="data/multidomain")
     parser.add_argument("--tokens", type=int, default=2048, help="validation tokens per domain")
     parser.add_argument("--clusters", type=int, default=32)
