@@ -25,6 +25,7 @@ from checkpoint import checkpoint_tokenizer, load_model, save_checkpoint
 from data.corpus import Corpus
 from data.user import calibration_batches
 from errors import UserError, run_command
+from prune import text_arguments
 from tasks import demonstrations
 
 
@@ -103,10 +104,7 @@ def domain_pool(corpus, domain, n):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ckpt", required=True, help="checkpoint: file, run directory, Hugging Face folder")
-    parser.add_argument("--domain", default="", help="a domain of the built-in corpus (default: the pruned one)")
-    parser.add_argument("--calib", default="", help="your own fine-tuning text: file, folder, glob or .jsonl")
-    parser.add_argument("--tokenizer", default="", help="for --calib when the checkpoint records none")
-    parser.add_argument("--data_dir", default="data/multidomain")
+    text_arguments(parser, "fine-tuning", "a domain of the built-in corpus (default: the one it was pruned for)")
     parser.add_argument("--n_examples", type=int, default=64, help="examples in the fine-tuning pool")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", default="", help="output checkpoint (default: CKPT-ft.pt)")

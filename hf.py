@@ -31,17 +31,17 @@ MODEL_TYPE = "emo"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def dense_names(n_layer):
-    """(Hugging Face name, nanoEMO parameter name) of every tensor but the experts'."""
-    names = [("model.embed_tokens.weight", "embed.weight"), ("lm_head.weight", "lm_head.weight"),
-             ("model.norm.weight", "norm.weight")]
-    for i in range(n_layer):
-        hf, ours = f"model.layers.{i}.", f"layers.{i}."
-        names += [(hf + "pre_attention_layernorm.weight", ours + "attn_norm.weight"),
-                  (hf + "pre_feedforward_layernorm.weight", ours + "moe_norm.weight"),
-                  (hf + "mlp.gate.weight", ours + "moe.router.gate.weight")]
-        names += [(hf + f"self_attn.{p}_proj.weight", ours + f"attn.{p}_proj.weight") for p in "qkvo"]
-    return names
+OUTSIDE_LAYERS = [("model.embed_tokens.weight", "embed.weight"), ("lm_head.weight", "lm_head.weight"),
+                  ("model.norm.weight", "norm.weight")]  # (Hugging Face name, nanoEMO parameter name)
+
+
+def layer_names(i):
+    """(Hugging Face name, the Block's parameter name) of layer i's tensors but the experts'."""
+    hf = f"model.layers.{i}."
+    return [(hf + "pre_attention_layernorm.weight", "attn_norm.weight"),
+            (hf + "pre_feedforward_layernorm.weight", "moe_norm.weight"),
+            (hf + "mlp.gate.weight", "moe.router.gate.weight")] + \
+        [(hf + f"self_attn.{p}_proj.weight", f"attn.{p}_proj.weight") for p in "qkvo"]
 
 
 def expert_names(i, j):
@@ -166,39 +166,53 @@ def load_hf(path, device="cpu", dtype=None, name=None):
     model.to(dtype).to_empty(device=device)
     tensors = TensorFiles(folder)
     params = dict(model.named_parameters())
-    for hf_name, name in dense_names(cfg.n_layer):
+    for hf_name, name in OUTSIDE_LAYERS:
         params[name].copy_(tensors.get(hf_name, params[name].shape))
-    H, C = cfg.expert_hidden, cfg.d_model
     for i, block in enumerate(model.layers):
-        for j in range(block.moe.w_up_gate.shape[0]):
-            gate, up, down = expert_names(i, j)
-            block.moe.w_up_gate[j, :, :H].copy_(tensors.get(gate, (H, C)).T)
-            block.moe.w_up_gate[j, :, H:].copy_(tensors.get(up, (H, C)).T)
-            block.moe.w_down[j].copy_(tensors.get(down, (C, H)).T)
+        load_block(tensors, block, i)
     return model.eval()
+
+
+@torch.no_grad()
+def load_block(tensors, block, i):
+    """Fill block (allocated, model.Block) with layer i's tensors from TensorFiles."""
+    params = dict(block.named_parameters())
+    for hf_name, name in layer_names(i):
+        params[name].copy_(tensors.get(hf_name, params[name].shape))
+    C, H = block.moe.w_down.shape[2], block.moe.w_down.shape[1]
+    for j in range(block.moe.w_up_gate.shape[0]):
+        gate, up, down = expert_names(i, j)
+        block.moe.w_up_gate[j, :, :H].copy_(tensors.get(gate, (H, C)).T)
+        block.moe.w_up_gate[j, :, H:].copy_(tensors.get(up, (H, C)).T)
+        block.moe.w_down[j].copy_(tensors.get(down, (C, H)).T)
+
+
+def block_tensors(block, i, dtype):
+    """{Hugging Face name: tensor} of block (model.Block) as layer i."""
+    params = dict(block.named_parameters())
+    out = {hf_name: params[name] for hf_name, name in layer_names(i)}
+    moe, H = block.moe, block.moe.w_down.shape[1]
+    for j in range(moe.w_up_gate.shape[0]):
+        gate, up, down = expert_names(i, j)
+        out[gate], out[up], out[down] = moe.w_up_gate[j, :, :H].T, moe.w_up_gate[j, :, H:].T, moe.w_down[j].T
+    return {k: v.detach().to(dtype).contiguous() for k, v in out.items()}
 
 
 def hf_tensors(model, dtype, layers):
     """{Hugging Face name: tensor} of the given layers (plus embedding, norm and head with layer 0)."""
-    cfg, H = model.cfg, model.cfg.expert_hidden
     params = dict(model.named_parameters())
-    out = {hf_name: params[name] for hf_name, name in dense_names(cfg.n_layer)
-           if any(hf_name.startswith(f"model.layers.{i}.") for i in layers)
-           or (0 in layers and not hf_name.startswith("model.layers."))}
+    out = {hf_name: params[name].detach().to(dtype).contiguous() for hf_name, name in OUTSIDE_LAYERS} \
+        if 0 in layers else {}
     for i in layers:
-        moe = model.layers[i].moe
-        for j in range(moe.w_up_gate.shape[0]):
-            gate, up, down = expert_names(i, j)
-            out[gate], out[up], out[down] = moe.w_up_gate[j, :, :H].T, moe.w_up_gate[j, :, H:].T, moe.w_down[j].T
-    return {k: v.detach().to(dtype).contiguous() for k, v in out.items()}
+        out.update(block_tensors(model.layers[i], i, dtype))
+    return out
 
 
 @torch.no_grad()
 def export_hf(model, folder, dtype=None, layers_per_shard=4, tokenizer=None, pruning=None):
     """Write model as config.json + safetensors in the release's format; sharded with an index beyond
     layers_per_shard layers, so that no more than a few layers are copied in memory at a time. With a
-    tiktoken encoding, also tokenizer.json; with prune.py's record, pruning.json: the original ids of the
-    experts kept in every layer (shared ones last), how and for what they were chosen."""
+    tiktoken encoding, also tokenizer.json; with prune.py's record, pruning.json (write_metadata)."""
     dtype = dtype or next(model.parameters()).dtype
     os.makedirs(folder, exist_ok=True)
     n_layer = model.cfg.n_layer
@@ -209,15 +223,23 @@ def export_hf(model, folder, dtype=None, layers_per_shard=4, tokenizer=None, pru
         shard = hf_tensors(model, dtype, layers)
         save_file(shard, os.path.join(folder, name), metadata={"format": "pt"})
         weight_map.update({k: name for k in shard})
-    if len(groups) > 1:
+    write_metadata(folder, model.cfg, dtype, weight_map if len(groups) > 1 else None, tokenizer, pruning)
+
+
+def write_metadata(folder, cfg, dtype, weight_map=None, tokenizer=None, pruning=None):
+    """Everything of a release-format folder but the weights: config.json, the shards' index (weight_map:
+    {tensor name: file}, None for one file), tokenizer.json for a tiktoken encoding, and for prune.py's record
+    pruning.json: the original ids of the experts kept in every layer (shared ones last), how and for what
+    they were chosen."""
+    if weight_map is not None:
         with open(os.path.join(folder, "model.safetensors.index.json"), "w") as f:
             json.dump({"metadata": {}, "weight_map": weight_map}, f, indent=1)
     with open(os.path.join(folder, "config.json"), "w") as f:
-        json.dump(hf_config(model.cfg, dtype), f, indent=1)
+        json.dump(hf_config(cfg, dtype), f, indent=1)
     if tokenizer is not None:
         write_tokenizer_json(tokenizer, os.path.join(folder, "tokenizer.json"))
     if pruning is not None:
-        n_original, n_shared = pruning["original_n_experts"], model.cfg.n_shared
+        n_original, n_shared = pruning["original_n_experts"], cfg.n_shared
         shared = list(range(n_original - n_shared, n_original))
         with open(os.path.join(folder, "pruning.json"), "w") as f:
             json.dump({"experts_kept_per_layer": [layer["kept"] + shared for layer in pruning["layers"]],

@@ -181,32 +181,40 @@ def keep_best(moe, scores, n_routed, compose="union"):
 
 
 @torch.no_grad()
+def greedy_layer(block, states, scored, n_routed, compose="union"):
+    """One step of layer-wise greedy: score block on its MoE inputs, prune it, and replace each batch's state
+    (x, cos, sin, mask, doc ids) by the pruned block's output. states and scored: per domain, per batch.
+    Returns the layer's record (keep_best)."""
+    device = block.moe.w_up_gate.device
+    attended = [[block.attend(x, cos, sin, mask) for x, cos, sin, mask, _ in domain] for domain in states]
+    moe_inputs = [[block.moe_norm(h) for h in domain] for domain in attended]
+    scores = []
+    for domain_inputs, domain_scored in zip(moe_inputs, scored):
+        total = torch.zeros(block.moe.router.n_routed, device=device)
+        for moe_input, mask in zip(domain_inputs, domain_scored):
+            total += block.moe.router.logits(moe_input.flatten(0, 1)[mask]).softmax(-1).sum(0)
+        scores.append(total.cpu() / max(sum(int(mask.sum()) for mask in domain_scored), 1))
+    record = keep_best(block.moe, scores, n_routed, compose)
+    for domain, domain_attended, domain_inputs in zip(states, attended, moe_inputs):
+        for b, (h, moe_input) in enumerate(zip(domain_attended, domain_inputs)):  # the layer's output, pruned
+            x, *rest = domain[b]
+            domain[b] = (h + block.moe(moe_input, rest[-1])[0], *rest)
+    return record
+
+
+@torch.no_grad()
 def greedy_layerwise(model, calibrations, n_routed, compose="union"):
     """The release's default: layers in order, layer l scored by its mean router probability over the scored
     calibration tokens with layers < l already pruned. Streamed, so every layer runs once: the batches' hidden
-    states go from layer to layer, each layer's MoE input scored, the layer pruned, then run pruned.
-    calibrations: one list of batches per domain. Returns each layer's record (keep_best)."""
+    states go from layer to layer, each layer's MoE input scored, the layer pruned, then run pruned
+    (greedy_layer). calibrations: one list of batches per domain. Returns each layer's record (keep_best)."""
     device = model.embed.weight.device
     was_training = model.training
     model.eval()
     # per domain, per batch: the block inputs (x, cos, sin, mask, doc ids) and the scored tokens (N,)
     states = [[model.layer_inputs(idx.to(device)) for idx, _ in batches] for batches in calibrations]
     scored = [[mask.flatten().to(device) for _, mask in batches] for batches in calibrations]
-    layers = []
-    for block in model.layers:
-        attended = [[block.attend(x, cos, sin, mask) for x, cos, sin, mask, _ in domain] for domain in states]
-        moe_inputs = [[block.moe_norm(h) for h in domain] for domain in attended]
-        scores = []
-        for domain_inputs, domain_scored in zip(moe_inputs, scored):
-            total = torch.zeros(block.moe.router.n_routed, device=device)
-            for moe_input, mask in zip(domain_inputs, domain_scored):
-                total += block.moe.router.logits(moe_input.flatten(0, 1)[mask]).softmax(-1).sum(0)
-            scores.append(total.cpu() / max(sum(int(mask.sum()) for mask in domain_scored), 1))
-        layers.append(keep_best(block.moe, scores, n_routed, compose))
-        for domain, domain_attended, domain_inputs in zip(states, attended, moe_inputs):
-            for b, (h, moe_input) in enumerate(zip(domain_attended, domain_inputs)):  # the layer's output, pruned
-                x, *rest = domain[b]
-                domain[b] = (h + block.moe(moe_input, rest[-1])[0], *rest)
+    layers = [greedy_layer(block, states, scored, n_routed, compose) for block in model.layers]
     model.train(was_training)
     return layers
 
@@ -271,21 +279,27 @@ def in_original_ids(layers, ckpt):
             for layer, before in zip(layers, previous["layers"])]
 
 
+def text_arguments(parser, purpose, domain_help="a domain of the built-in corpus, or the name of --calib's"):
+    """Where the text of a command that calibrates or fine-tunes comes from: --domain of the built-in corpus in
+    --data_dir, or your own --calib text, tokenized with --tokenizer when the checkpoint records none."""
+    parser.add_argument("--domain", default="", help=domain_help)
+    parser.add_argument("--calib", default="", help=f"your own {purpose} text: file, folder, glob or .jsonl")
+    parser.add_argument("--tokenizer", default="", help="for --calib when the checkpoint records none: gpt2, "
+                        "cl100k_base, dolma2, a rank file or a tokenizer.json")
+    parser.add_argument("--data_dir", default="data/multidomain", help="the built-in corpus")
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ckpt", "--init_from", dest="ckpt", required=True,
                         help="checkpoint: file, run directory, Hugging Face folder or hub id")
-    parser.add_argument("--domain", default="", help="a domain of the built-in corpus (several, comma-separated, "
-                        "compose their experts), or the name of --calib's")
+    text_arguments(parser, "calibration", "a domain of the built-in corpus (several, comma-separated, compose their "
+                   "experts), or the name of --calib's")
     parser.add_argument("--compose", default="union", choices=("union", "mean"),
                         help="several domains: the union of each one's --keep experts, or --keep by their mean score")
-    parser.add_argument("--calib", default="", help="your own calibration text: file, folder, glob or .jsonl")
-    parser.add_argument("--tokenizer", default="", help="for --calib when the checkpoint records none: gpt2, "
-                        "cl100k_base, dolma2, a rank file or a tokenizer.json")
     parser.add_argument("--keep", required=True, help="fraction of the original experts (0.125) or a count (8)")
     parser.add_argument("--method", default="greedy", choices=METHODS)
     parser.add_argument("--calib_docs", type=int, default=16, help="calibration examples used")
-    parser.add_argument("--data_dir", default="data/multidomain")
     parser.add_argument("--seed", type=int, default=0, help="for --method random")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", default="", help="output path without extension "
