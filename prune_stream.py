@@ -37,14 +37,16 @@ from tasks import demonstrations
 
 
 class HFLayers:
-    """A release-format folder read a layer at a time (memory-mapped safetensors)."""
+    """A release-format folder read a layer at a time. Its files are memory-mapped anew for each read and
+    unmapped after, so that the pages read do not stay in the process's resident set."""
 
     def __init__(self, folder):
         with open(os.path.join(folder, "config.json")) as f:
             hf = json.load(f)
+        self.folder = folder
         self.cfg = config_from_hf(hf, os.path.basename(os.path.normpath(folder)))
         self.dtype = DTYPES.get(hf.get("torch_dtype"), torch.float32)
-        self.tensors = TensorFiles(folder)
+        TensorFiles(folder)  # a missing index or file is named now, before any work
         tokenizer = os.path.join(folder, "tokenizer.json")
         self.tokenizer = tokenizer_record(tokenizer) if os.path.exists(tokenizer) else None
 
@@ -52,10 +54,10 @@ class HFLayers:
         """A tensor outside the layers by its nanoEMO name (embed.weight, norm.weight, lm_head.weight)."""
         hf_name = next(hf for hf, ours in OUTSIDE_LAYERS if ours == name)
         shape = (self.cfg.d_model,) if name == "norm.weight" else (self.cfg.vocab_size, self.cfg.d_model)
-        return self.tensors.get(hf_name, shape)
+        return TensorFiles(self.folder).get(hf_name, shape)
 
     def fill(self, block, i):
-        load_block(self.tensors, block, i)
+        load_block(TensorFiles(self.folder), block, i)
 
 
 class CheckpointLayers:
