@@ -229,8 +229,8 @@ def export_hf(model, folder, dtype=None, layers_per_shard=4, tokenizer=None, pru
 def write_metadata(folder, cfg, dtype, weight_map=None, tokenizer=None, pruning=None):
     """Everything of a release-format folder but the weights: config.json, the shards' index (weight_map:
     {tensor name: file}, None for one file), tokenizer.json for a tiktoken encoding, and for prune.py's record
-    pruning.json: the original ids of the experts kept in every layer (shared ones last), how and for what
-    they were chosen."""
+    pruning.json (the original ids of the experts kept in every layer, shared ones last, how and for what they
+    were chosen) and the release's pruning_metadata.json (the same ids)."""
     if weight_map is not None:
         with open(os.path.join(folder, "model.safetensors.index.json"), "w") as f:
             json.dump({"metadata": {}, "weight_map": weight_map}, f, indent=1)
@@ -241,8 +241,14 @@ def write_metadata(folder, cfg, dtype, weight_map=None, tokenizer=None, pruning=
     if pruning is not None:
         n_original, n_shared = pruning["original_n_experts"], cfg.n_shared
         shared = list(range(n_original - n_shared, n_original))
+        kept = [layer["kept"] + shared for layer in pruning["layers"]]
         with open(os.path.join(folder, "pruning.json"), "w") as f:
-            json.dump({"experts_kept_per_layer": [layer["kept"] + shared for layer in pruning["layers"]],
-                       "original_num_experts": n_original, "num_shared_experts": n_shared,
+            json.dump({"experts_kept_per_layer": kept, "original_num_experts": n_original,
+                       "num_shared_experts": n_shared,
                        **{k: pruning[k] for k in ("domain", "method", "calibration", "source") if k in pruning}},
                       f, indent=1)
+        # the release's own record, with its fields (prune_keep_k: the largest layer's count where layers differ)
+        with open(os.path.join(folder, "pruning_metadata.json"), "w") as f:
+            json.dump({"original_model": pruning.get("source"), "prune_keep_k": cfg.n_experts,
+                       "num_shared_experts": n_shared, "activation_file": pruning.get("calibration"),
+                       "experts_kept_per_layer": kept}, f, indent=2)

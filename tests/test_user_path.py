@@ -56,6 +56,9 @@ def test_the_whole_user_path(tiny_checkpoints, tmp_path, capsys):
     record = json.loads((hf / "pruning.json").read_text())
     assert record["domain"] == "recipes" and [len(k) for k in record["experts_kept_per_layer"]] == [4, 4]
     assert all(k[-1] == 7 for k in record["experts_kept_per_layer"])  # the shared expert, original id
+    release = json.loads((hf / "pruning_metadata.json").read_text())  # the release's own record of a pruning
+    assert release["experts_kept_per_layer"] == record["experts_kept_per_layer"] and release["prune_keep_k"] == 4
+    assert release["num_shared_experts"] == 1 and release["original_model"] == tiny_checkpoints["emo"]
     reloaded, reloaded_ckpt = load_model(str(hf))
     idx = torch.tensor([encoding.encode_ordinary("Recipe 9: whisk the eggs")])
     torch.testing.assert_close(reloaded.float()(idx), model(idx), rtol=3e-2, atol=3e-2)  # bf16 export
