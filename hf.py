@@ -137,6 +137,11 @@ class TensorFiles:
         else:
             raise UserError(f"{folder}: neither model.safetensors nor model.safetensors.index.json")
         files = sorted(set(weight_map.values())) if weight_map else ["model.safetensors"]
+        missing = [f for f in files if not os.path.exists(os.path.join(folder, f))]
+        if missing:
+            verb = "is" if len(missing) == 1 else "are"
+            raise UserError(f"{folder}: the index names {', '.join(missing)}, which {verb} not there (an incomplete "
+                            "download?)")
         self.handles = {f: safe_open(os.path.join(folder, f), framework="pt") for f in files}
         self.where = weight_map or {k: "model.safetensors" for k in self.handles["model.safetensors"].keys()}
 

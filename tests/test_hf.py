@@ -7,6 +7,7 @@ against an independent reference forward, and clear errors on malformed checkpoi
 import dataclasses
 import json
 import math
+import os
 
 import pytest
 import torch
@@ -222,3 +223,10 @@ def test_prune_accepts_a_release_folder(tmp_path, tiny_corpus):
     idx = torch.randint(0, 320, (1, 10))
     torch.testing.assert_close(load_hf(str(tmp_path / "p_hf"), dtype=torch.float32)(idx)[0], pruned(idx)[0],
                                rtol=2e-2, atol=2e-2)  # the export is bfloat16
+
+
+def test_a_shard_missing_from_the_folder_is_named(tmp_path):
+    export_hf(tiny_model(), str(tmp_path / "sharded"), layers_per_shard=1)
+    os.remove(tmp_path / "sharded" / "model-00002-of-00003.safetensors")
+    with pytest.raises(UserError, match="names model-00002-of-00003.safetensors, which is not there"):
+        load_hf(str(tmp_path / "sharded"))
