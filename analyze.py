@@ -26,6 +26,7 @@ from checkpoint import checkpoint_paths, load_model, model_name
 from data.corpus import Corpus
 from data.tokenizer import from_record
 from errors import run_command
+from prune import moe_calls
 from report import pyplot
 from sweep import text_batches
 
@@ -33,23 +34,12 @@ from sweep import text_batches
 @torch.no_grad()
 def router_probabilities(model, batches):
     """Every token's router probabilities in every layer: (N, n_layer, Er) for the batches' tokens in order."""
-    captured = {}
-
-    def capture(i):
-        def hook(module, args, output):
-            captured[i] = module.router.logits(args[0].flatten(0, 1)).softmax(-1)  # (b*T, Er)
-        return hook
-
-    hooks = [block.moe.register_forward_hook(capture(i)) for i, block in enumerate(model.layers)]
-    model.eval()
     per_batch = []
-    try:
-        for idx, _ in batches:
-            model.hidden_states(idx.to(model.embed.weight.device))
-            per_batch.append(torch.stack([captured[i] for i in range(len(model.layers))], dim=1).cpu())
-    finally:
-        for hook in hooks:
-            hook.remove()
+    for idx, _ in batches:
+        calls = moe_calls(model, idx.to(model.embed.weight.device))
+        probs = [block.moe.router.logits(moe_input.flatten(0, 1)).softmax(-1)  # (b*T, Er)
+                 for block, (moe_input, _, _) in zip(model.layers, calls)]
+        per_batch.append(torch.stack(probs, dim=1).cpu())
     return torch.cat(per_batch)
 
 

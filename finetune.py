@@ -21,11 +21,9 @@ from dataclasses import dataclass
 
 import torch
 
-from checkpoint import checkpoint_tokenizer, load_model, save_checkpoint
-from data.corpus import Corpus
-from data.user import calibration_batches
+from checkpoint import load_model, save_checkpoint
 from errors import UserError, run_command
-from prune import text_arguments
+from prune import argument_texts, text_arguments
 from tasks import demonstrations
 
 
@@ -95,10 +93,12 @@ def finetune(model, batches, cfg=FinetuneConfig()):
     return model.eval(), losses
 
 
+POOL_SEED = 2  # the fine-tuning pool's passages: others than pruning's calibration (seed 1)
+
+
 def domain_pool(corpus, domain, n):
-    """A built-in domain's fine-tuning pool: n demonstrations from its calibration documents (other passages
-    than pruning's calibration, seed 2), in one batch."""
-    return [demonstrations(corpus.documents("calib", domain), n, seed=2)]
+    """A built-in domain's fine-tuning pool: n demonstrations from its calibration documents, in one batch."""
+    return [demonstrations(corpus.documents("calib", domain), n, POOL_SEED)]
 
 
 def main(argv=None):
@@ -116,15 +116,9 @@ def main(argv=None):
         raise UserError("--n_examples, --epochs and --batch_size must be at least 1")
     model, ckpt = load_model(args.ckpt, args.device)
     domain = args.domain or (ckpt.get("pruning") or {}).get("domain", "")
-    if args.calib:
-        encoding = checkpoint_tokenizer(ckpt, args.tokenizer, args.ckpt)
-        batches = calibration_batches(args.calib, encoding, model.cfg, args.n_examples)
-    elif domain:
-        corpus = Corpus(args.data_dir)
-        corpus.check_model(model.cfg.vocab_size, model.cfg.eos_id)
-        batches = domain_pool(corpus, domain, args.n_examples)
-    else:
+    if not args.calib and not domain:
         raise UserError("give --domain (a domain of the built-in corpus) or --calib PATH (your own text)")
+    batches, = argument_texts(args, ckpt, model.cfg, [domain], args.n_examples, POOL_SEED)
     model, losses = finetune(model, batches, cfg)
     out = args.out or os.path.splitext(args.ckpt.rstrip("/"))[0] + "-ft.pt"
     record = {**dataclasses.asdict(cfg), "domain": domain, "data": args.calib or f"{args.data_dir} calibration "

@@ -80,34 +80,42 @@ def parse_keep(text):
 
 
 @torch.no_grad()
-def expert_scores(model, batches, method):
-    """Score every routed expert of every layer on the calibration batches [(idx (b, T), scored (b, T))], the
-    mean over the scored tokens: a list of (Er,) tensors. Routing is token by token (eval mode), so each
-    sequence of a batch is computed on its own."""
-    captured = {}  # per layer: the MoE's (input, output, routing) of the batch just run
+def moe_calls(model, idx):
+    """Run model on idx (b, T) in eval mode (token by token routing); per layer, what its MoE took and gave:
+    [(input after its norm (b, T, C), output (b, T, C), Routing)]."""
+    calls = {}
 
     def capture(i):
         def hook(module, args, output):
-            captured[i] = (args[0], *output)
+            calls[i] = (args[0], *output)
         return hook
 
     hooks = [block.moe.register_forward_hook(capture(i)) for i, block in enumerate(model.layers)]
-    device = model.embed.weight.device
-    totals = [torch.zeros(block.moe.router.n_routed, device=device) for block in model.layers]
-    n_tokens = 0
     was_training = model.training
     model.eval()
     try:
-        for idx, scored in batches:
-            model.hidden_states(idx.to(device))  # the hooks capture what is scored
-            scored = scored.flatten().to(device)
-            n_tokens += int(scored.sum())
-            for i, block in enumerate(model.layers):
-                totals[i] += layer_score(block.moe, *captured[i], scored, method)
+        model.hidden_states(idx)
     finally:
         for hook in hooks:
             hook.remove()
         model.train(was_training)
+    return [calls[i] for i in range(len(model.layers))]
+
+
+@torch.no_grad()
+def expert_scores(model, batches, method):
+    """Score every routed expert of every layer on the calibration batches [(idx (b, T), scored (b, T))], the
+    mean over the scored tokens: a list of (Er,) tensors. Routing is token by token (eval mode), so each
+    sequence of a batch is computed on its own."""
+    device = model.embed.weight.device
+    totals = [torch.zeros(block.moe.router.n_routed, device=device) for block in model.layers]
+    n_tokens = 0
+    for idx, scored in batches:
+        calls = moe_calls(model, idx.to(device))
+        scored = scored.flatten().to(device)
+        n_tokens += int(scored.sum())
+        for block, call, total in zip(model.layers, calls, totals):
+            total += layer_score(block.moe, *call, scored, method)
     return [t.cpu() / max(n_tokens, 1) for t in totals]
 
 
@@ -241,11 +249,15 @@ def prune_composed(model, calibrations, keep, method, seed=0, compose="union"):
                                                         n_layer * (keep - n_shared))
         layers = [keep_best(block.moe, layer_scores, n, compose)
                   for block, layer_scores, n in zip(model.layers, scores, routed_counts)]
-    sizes = [block.moe.w_up_gate.shape[0] for block in model.layers]
-    uniform = len(set(sizes)) == 1
-    model.cfg = dataclasses.replace(model.cfg, n_experts=max(sizes), top_k=min(model.cfg.top_k, max(sizes)),
-                                    experts_per_layer=() if uniform else tuple(sizes))
+    model.cfg = pruned_config(model.cfg, [block.moe.w_up_gate.shape[0] for block in model.layers])
     return layers
+
+
+def pruned_config(cfg, sizes):
+    """The config of cfg's model pruned to sizes experts per layer (shared included)."""
+    uniform = len(set(sizes)) == 1
+    return dataclasses.replace(cfg, n_experts=max(sizes), top_k=min(cfg.top_k, max(sizes)),
+                               experts_per_layer=() if uniform else tuple(sizes))
 
 
 def prune(model, batches, keep, method, seed=0):
@@ -289,6 +301,18 @@ def text_arguments(parser, purpose, domain_help="a domain of the built-in corpus
     parser.add_argument("--data_dir", default="data/multidomain", help="the built-in corpus")
 
 
+def argument_texts(args, ckpt, cfg, domains, n, seed=1):
+    """The batches text_arguments point to, for a model of config cfg: one list per domain. Your own --calib
+    text (its first n pieces, tokenized with --tokenizer or the tokenizer ckpt records), else n task
+    demonstrations of each built-in domain (seed: which passages)."""
+    if args.calib:
+        encoding = checkpoint_tokenizer(ckpt, args.tokenizer, args.ckpt)
+        return [calibration_batches(args.calib, encoding, cfg, n)]
+    corpus = Corpus(args.data_dir)
+    corpus.check_model(cfg.vocab_size, cfg.eos_id)
+    return [[demonstrations(corpus.documents("calib", d), n, seed)] for d in domains]
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ckpt", "--init_from", dest="ckpt", required=True,
@@ -320,13 +344,7 @@ def main(argv=None):
     keep = keep_count(parse_keep(args.keep), n_original, model.cfg.n_shared)
     if keep > min(model.cfg.layer_experts()):
         raise UserError(f"{args.ckpt} keeps {min(model.cfg.layer_experts())} experts in a layer, it cannot keep {keep}")
-    if args.calib:
-        encoding = checkpoint_tokenizer(ckpt, args.tokenizer, args.ckpt)
-        calibrations = [calibration_batches(args.calib, encoding, model.cfg, args.calib_docs)]
-    else:
-        corpus = Corpus(args.data_dir)
-        corpus.check_model(model.cfg.vocab_size, model.cfg.eos_id)
-        calibrations = [[demonstrations(corpus.documents("calib", d), args.calib_docs)] for d in domains]
+    calibrations = argument_texts(args, ckpt, model.cfg, domains, args.calib_docs)
     layers = prune_composed(model, calibrations, keep, args.method, args.seed, args.compose)
     layers = in_original_ids(layers, ckpt)
     n_examples = sum(len(idx) for batches in calibrations for idx, _ in batches)  # calibration sequences

@@ -17,7 +17,6 @@ half-written model. On a CPU the layers compute in float32, whatever the checkpo
 """
 
 import argparse
-import dataclasses
 import json
 import os
 import shutil
@@ -25,15 +24,12 @@ import shutil
 import torch
 from safetensors.torch import save_file
 
-from checkpoint import checkpoint_tokenizer, is_hf_checkpoint, load_checkpoint
-from data.corpus import Corpus
+from checkpoint import is_hf_checkpoint, load_checkpoint
 from data.tokenizer import from_record, tokenizer_record
-from data.user import calibration_batches
 from errors import UserError, run_command
 from hf import DTYPES, OUTSIDE_LAYERS, TensorFiles, block_tensors, config_from_hf, load_block, write_metadata
 from model import EMO, Block, ModelConfig
-from prune import greedy_layer, keep_count, parse_keep, text_arguments
-from tasks import demonstrations
+from prune import argument_texts, greedy_layer, keep_count, parse_keep, pruned_config, text_arguments
 
 
 class HFLayers:
@@ -78,16 +74,6 @@ class CheckpointLayers:
         block.load_state_dict({k[len(prefix):]: v for k, v in self.state.items() if k.startswith(prefix)})
 
 
-def calibration(args, source):
-    """The calibration batches, as prune.py makes them."""
-    if args.calib:
-        encoding = checkpoint_tokenizer({"tokenizer": source.tokenizer}, args.tokenizer, args.ckpt)
-        return calibration_batches(args.calib, encoding, source.cfg, args.calib_docs)
-    corpus = Corpus(args.data_dir)
-    corpus.check_model(source.cfg.vocab_size, source.cfg.eos_id)
-    return [demonstrations(corpus.documents("calib", args.domain), args.calib_docs)]
-
-
 @torch.no_grad()
 def stream_prune(source, batches, keep, folder, device="cpu"):
     """Prune source's model (HFLayers or CheckpointLayers) to keep experts per layer, layer-wise greedy, writing
@@ -115,8 +101,7 @@ def stream_prune(source, batches, keep, folder, device="cpu"):
     outside = {hf: source.outside(ours).to(source.dtype).contiguous() for hf, ours in OUTSIDE_LAYERS}
     save_file(outside, os.path.join(folder, name), metadata={"format": "pt"})
     weight_map.update({k: name for k in outside})
-    pruned = dataclasses.replace(cfg, n_experts=keep, top_k=min(cfg.top_k, keep), experts_per_layer=())
-    return pruned, layers, weight_map
+    return pruned_config(cfg, [keep] * cfg.n_layer), layers, weight_map
 
 
 def main(argv=None):
@@ -136,7 +121,7 @@ def main(argv=None):
     if source.cfg.experts_per_layer:
         raise UserError(f"{args.ckpt} keeps different numbers of experts per layer: stream the original model")
     keep = keep_count(parse_keep(args.keep), source.cfg.n_experts, source.cfg.n_shared)
-    batches = calibration(args, source)
+    batches, = argument_texts(args, {"tokenizer": source.tokenizer}, source.cfg, [args.domain], args.calib_docs)
     domain = args.domain or os.path.splitext(os.path.basename(os.path.normpath(args.calib)))[0]
     tmp = args.out.rstrip("/") + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)

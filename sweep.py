@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from checkpoint import checkpoint_paths, checkpoint_tokenizer, load_model, model_name
 from data.corpus import Corpus
-from data.user import calibration_batches, evaluation_text, named_paths
+from data.user import calibration_batches, evaluation_text, example_batches, named_paths
 from errors import UserError, run_command
 from eval import evaluate_text
 from prune import METHODS, expert_scores, keep_count, prune
@@ -64,16 +64,11 @@ def user_domains(calib_spec, data_spec, encoding, cfg, calib_docs, max_tokens):
     return domains
 
 
-def text_batches(tokens, seq_len, rows=16):
-    """Text (n,) cut into windows of seq_len (the last shorter), rows windows a batch, every token scored:
-    [(idx (b, T), scored (b, T))]."""
-    tokens = torch.from_numpy(np.asarray(tokens, dtype=np.int64))
-    n_full = len(tokens) // seq_len
-    full = tokens[:n_full * seq_len].view(n_full, seq_len)  # (W, T)
-    windows = [full[i:i + rows] for i in range(0, n_full, rows)]
-    if len(tokens) > n_full * seq_len:
-        windows.append(tokens[n_full * seq_len:][None])
-    return [(w, torch.ones_like(w, dtype=torch.bool)) for w in windows]
+def text_batches(tokens, seq_len):
+    """Text (n,) cut into windows of seq_len (the last shorter), 16 windows a batch, every token scored:
+    [(idx (b, T), scored (b, T))] (data/user.example_batches of one document)."""
+    tokens = np.asarray(tokens, dtype=np.int64)
+    return example_batches([(tokens, np.ones(len(tokens), dtype=bool))], seq_len, n=len(tokens))
 
 
 @torch.no_grad()
