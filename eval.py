@@ -7,6 +7,7 @@ evaluates every domain at every fraction of experts kept, is sweep.py.
     python eval.py --ckpt out/pruned/emo_tiny/python-keep8-greedy.pt
     python eval.py --ckpt out/emo_tiny --data my_eval/                  # your own text (data/user.py)
     python eval.py --ckpt out/emo_tiny,out/std_tiny --data notes=my_notes/,code=src/
+    python eval.py --ckpt allenai/Emo_1b14b_1T --task mmlu_stem,arc_easy  # the paper's benchmarks (benchmarks.py)
 
 Evaluation text is laid back to back (each document closed by its EOS) and cut into windows of seq_len + 1
 tokens, every token predicted once; the last window is padded and its padding ignored; tokens that are not
@@ -14,16 +15,18 @@ scored (the prompt of a prompt/answer example) are context only.
 """
 
 import argparse
+import json
 import math
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
+from benchmarks import parse_tasks, score_task
 from checkpoint import checkpoint_paths, checkpoint_tokenizer, load_model, model_name
 from data.corpus import Corpus
 from data.user import evaluation_text, named_paths
-from errors import run_command
+from errors import UserError, run_command
 
 
 def domain_windows(tokens, seq_len, max_tokens, scored=None):
@@ -97,31 +100,60 @@ def print_results(name, model, results):
         print(f"{domain:<12}{r['loss']:>8.3f}{r['perplexity']:>10.2f}{r['accuracy']:>10.1%}{r['tokens']:>9}")
 
 
+def print_task_results(name, model, results):
+    print(f"{name}: {model.cfg.n_experts} experts, top {model.cfg.top_k}")
+    print(f"{'task':<40}{'acc_raw':>9}{'acc_per_char':>14}{'questions':>11}")
+    for task, r in results.items():
+        print(f"{task:<40}{r['acc_raw']:>9.1%}{r['acc_per_char']:>14.1%}{r['n']:>11}")
+
+
+def evaluate(model, ckpt, path, args, tasks, corpus, device):
+    """One model's results: {task: accuracies} for --task, else {domain: loss...} of the corpus or --data."""
+    if tasks:
+        encoding = checkpoint_tokenizer(ckpt, args.tokenizer, path)
+        return {task: score_task(model, encoding, task, args.batch_size, device, args.limit) for task in tasks}
+    if corpus is not None:
+        corpus.check_model(model.cfg.vocab_size, model.cfg.eos_id)
+        return evaluate_domains(model, corpus, "val", args.batch_size, args.max_tokens, device)
+    encoding = checkpoint_tokenizer(ckpt, args.tokenizer, path)
+    results = {}
+    for domain, data_path in named_paths(args.data, "--data").items():
+        tokens, scored, _ = evaluation_text(data_path, encoding, model.cfg)
+        results[domain] = evaluate_text(model, tokens, args.batch_size, device, scored, args.max_tokens)
+    return results
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ckpt", "--init_from", dest="paths", type=checkpoint_paths, required=True,
                         help="checkpoint(s), comma-separated: files, run directories, Hugging Face folders or hub ids")
     parser.add_argument("--data_dir", default="data/multidomain", help="the built-in corpus")
     parser.add_argument("--data", default="", help="your own evaluation text: PATH, or NAME=PATH,...")
-    parser.add_argument("--tokenizer", default="", help="for --data when the checkpoint records none")
+    parser.add_argument("--task", default="", help="benchmarks instead of text, comma-separated "
+                        "(a wrong name lists them)")
+    parser.add_argument("--limit", type=int, default=0, help="--task: score only the first LIMIT questions of each")
+    parser.add_argument("--tokenizer", default="", help="for --data or --task when the checkpoint records none")
     parser.add_argument("--max_tokens", type=int, default=16384, help="evaluation tokens per domain")
     parser.add_argument("--batch_size", type=int, default=16)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--out", default="", help="also write the results here as JSON: {model: {task or domain: ...}}")
     args = parser.parse_args(argv)
+    if args.task and args.data:
+        raise UserError("give --data (text to score) or --task (benchmarks), not both")
+    if args.limit < 0:
+        raise UserError(f"--limit {args.limit}: give a number of questions, or 0 for all")
     device = torch.device(args.device)
-    corpus = None if args.data else Corpus(args.data_dir)
+    tasks = parse_tasks(args.task) if args.task else []
+    corpus = None if args.data or tasks else Corpus(args.data_dir)
+    everything = {}
     for path in args.paths:
         model, ckpt = load_model(path, device)
-        if corpus is not None:
-            corpus.check_model(model.cfg.vocab_size, model.cfg.eos_id)
-            results = evaluate_domains(model, corpus, "val", args.batch_size, args.max_tokens, device)
-        else:
-            encoding = checkpoint_tokenizer(ckpt, args.tokenizer, path)
-            results = {}
-            for domain, data_path in named_paths(args.data, "--data").items():
-                tokens, scored, _ = evaluation_text(data_path, encoding, model.cfg)
-                results[domain] = evaluate_text(model, tokens, args.batch_size, device, scored, args.max_tokens)
-        print_results(model_name(path), model, results)
+        results = evaluate(model, ckpt, path, args, tasks, corpus, device)
+        (print_task_results if tasks else print_results)(model_name(path), model, results)
+        everything[model_name(path)] = results
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(everything, f, indent=1)
 
 
 if __name__ == "__main__":

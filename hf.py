@@ -97,17 +97,28 @@ def config_from_hf(hf, folder_name=""):
                        norm_eps=hf.get("rms_norm_eps", 1e-6), **settings)
 
 
-def hf_config(cfg, dtype):
+def pad_id(tokenizer):
+    """The id of a tiktoken encoding's <|pad|> token (the release's dolma2 has one: 100277), else None."""
+    if tokenizer is None or "<|pad|>" not in tokenizer.special_tokens_set:
+        return None
+    return tokenizer.encode_single_token("<|pad|>")
+
+
+def hf_config(cfg, dtype, pad_token_id=None):
     """A release-style config.json dict for a nanoEMO model: per-layer counts (pruned models may keep
-    different ones), and under `nanoemo` the training settings config.json has no key for."""
-    return {"model_type": MODEL_TYPE, "architectures": ["EmoForCausalLM"], "hidden_size": cfg.d_model,
+    different ones), the release's auto_map (its configuration_emo.py / modeling_emo.py, which a folder needs
+    beside config.json for transformers' trust_remote_code), and under `nanoemo` the training settings
+    config.json has no key for."""
+    return {"model_type": MODEL_TYPE, "architectures": ["EmoForCausalLM"],
+            "auto_map": {"AutoConfig": "configuration_emo.EmoConfig",
+                         "AutoModelForCausalLM": "modeling_emo.EmoForCausalLM"}, "hidden_size": cfg.d_model,
             "intermediate_size": cfg.expert_hidden, "num_hidden_layers": cfg.n_layer,
             "num_attention_heads": cfg.n_head, "num_key_value_heads": cfg.n_head, "num_experts": cfg.n_experts,
             "num_experts_per_tok": cfg.top_k, "num_shared_experts": cfg.n_shared, "norm_topk_prob": False,
             "num_experts_per_layer": cfg.layer_experts(),
             "num_shared_experts_per_layer": [cfg.n_shared] * cfg.n_layer, "rope_theta": cfg.rope_theta,
             "rms_norm_eps": cfg.norm_eps, "vocab_size": cfg.vocab_size, "eos_token_id": cfg.eos_id,
-            "pad_token_id": None, "max_position_embeddings": cfg.seq_len, "tie_word_embeddings": False,
+            "pad_token_id": pad_token_id, "max_position_embeddings": cfg.seq_len, "tie_word_embeddings": False,
             "attention_bias": False, "hidden_act": "silu", "torch_dtype": str(dtype).removeprefix("torch."),
             "nanoemo": {key: getattr(cfg, key) for key in TRAINING_KEYS}}
 
@@ -240,7 +251,7 @@ def write_metadata(folder, cfg, dtype, weight_map=None, tokenizer=None, pruning=
         with open(os.path.join(folder, "model.safetensors.index.json"), "w") as f:
             json.dump({"metadata": {}, "weight_map": weight_map}, f, indent=1)
     with open(os.path.join(folder, "config.json"), "w") as f:
-        json.dump(hf_config(cfg, dtype), f, indent=1)
+        json.dump(hf_config(cfg, dtype, pad_id(tokenizer)), f, indent=1)
     if tokenizer is not None:
         write_tokenizer_json(tokenizer, os.path.join(folder, "tokenizer.json"))
     if pruning is not None:

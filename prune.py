@@ -8,12 +8,15 @@ min(top_k, kept).
     python prune.py --ckpt out/emo_tiny --domain math --keep 16 --method global --calib_docs 1
     python prune.py --ckpt out/emo_tiny --calib my_notes/ --domain notes --keep 0.25     # your own text
     python prune.py --ckpt out/emo_tiny --domain python,c --keep 0.125      # both domains' 8 experts, composed
+    python prune.py --ckpt allenai/Emo_1b14b_1T --task mmlu_stem --keep 16   # a benchmark's questions
 
 Calibration examples: for a domain of the built-in corpus (--domain, --data_dir), task demonstrations made
 from its calibration documents (tasks.py: a passage and its true continuation, the continuation's tokens
 scored); for your own text (--calib PATH: a text file, a folder or glob of them, or JSON Lines with "text" or
 "prompt"/"answer"; data/user.py), every token of a document or the answer's tokens of a demonstration,
-tokenized with the checkpoint's tokenizer (or --tokenizer). --calib_docs caps how many examples are used.
+tokenized with the checkpoint's tokenizer (or --tokenizer); for a benchmark (--task, benchmarks.py), its
+validation questions, each its 5-shot context and gold answer, every token scored, as the release calibrates.
+--calib_docs caps how many examples are used.
 --keep is a fraction of the original model's experts (with a decimal point: 0.25, 1.0) or a count (16).
 Methods (scores per routed expert, averaged over the scored calibration tokens):
     greedy     the release's default: layers in order, layer l scored by its mean router probability with
@@ -42,6 +45,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from benchmarks import calibration_batches as task_calibration, parse_tasks
 from checkpoint import checkpoint_tokenizer, load_model, model_name, save_checkpoint
 from data.tokenizer import from_record
 from model import ModelConfig
@@ -291,20 +295,45 @@ def in_original_ids(layers, ckpt):
             for layer, before in zip(layers, previous["layers"])]
 
 
-def text_arguments(parser, purpose, domain_help="a domain of the built-in corpus, or the name of --calib's"):
+def text_arguments(parser, purpose, domain_help="a domain of the built-in corpus, or the name of --calib's",
+                   task=False):
     """Where the text of a command that calibrates or fine-tunes comes from: --domain of the built-in corpus in
-    --data_dir, or your own --calib text, tokenized with --tokenizer when the checkpoint records none."""
+    --data_dir, or your own --calib text, tokenized with --tokenizer when the checkpoint records none; with
+    task, also a benchmark's questions (--task)."""
     parser.add_argument("--domain", default="", help=domain_help)
     parser.add_argument("--calib", default="", help=f"your own {purpose} text: file, folder, glob or .jsonl")
-    parser.add_argument("--tokenizer", default="", help="for --calib when the checkpoint records none: gpt2, "
-                        "cl100k_base, dolma2, a rank file or a tokenizer.json")
+    if task:
+        parser.add_argument("--task", default="", help="a benchmark (benchmarks.py): its validation questions, "
+                            "each with its 5-shot context and gold answer, every token scored")
+    parser.add_argument("--tokenizer", default="", help=f"for --calib{' or --task' if task else ''} when the "
+                        "checkpoint records none: gpt2, cl100k_base, dolma2, a rank file or a tokenizer.json")
     parser.add_argument("--data_dir", default="data/multidomain", help="the built-in corpus")
 
 
+def text_source(args):
+    """(name, description) of the one text text_arguments point to; an error where none is given or two are."""
+    task = getattr(args, "task", "")
+    if task:
+        if args.calib or args.domain:
+            raise UserError("--task is the calibration text and its name: give no --calib or --domain with it")
+        parse_tasks(task)
+        if "," in task:
+            raise UserError(f"--task {task}: one task at a time")
+        return task, f"task {task}: validation questions, 5-shot context and gold answer"
+    if not args.domain and not args.calib:
+        raise UserError("give --domain (a domain of the built-in corpus), --calib PATH (your own text)"
+                        f"{' or --task NAME (a benchmark)' if hasattr(args, 'task') else ''}")
+    name = args.domain.replace(",", "+") or os.path.splitext(os.path.basename(os.path.normpath(args.calib)))[0]
+    return name, args.calib or f"{args.data_dir} calibration documents"
+
+
 def argument_texts(args, ckpt, cfg, domains, n, seed=1):
-    """The batches text_arguments point to, for a model of config cfg: one list per domain. Your own --calib
-    text (its first n pieces, tokenized with --tokenizer or the tokenizer ckpt records), else n task
-    demonstrations of each built-in domain (seed: which passages)."""
+    """The batches text_arguments point to, for a model of config cfg: one list per domain. A --task's first n
+    calibration questions, or your own --calib text (its first n pieces), both tokenized with --tokenizer or the
+    tokenizer ckpt records, else n task demonstrations of each built-in domain (seed: which passages)."""
+    if getattr(args, "task", ""):
+        encoding = checkpoint_tokenizer(ckpt, args.tokenizer, args.ckpt)
+        return [task_calibration(args.task, encoding, cfg.seq_len, n)]
     if args.calib:
         encoding = checkpoint_tokenizer(ckpt, args.tokenizer, args.ckpt)
         return [calibration_batches(args.calib, encoding, cfg, n)]
@@ -318,7 +347,7 @@ def main(argv=None):
     parser.add_argument("--ckpt", "--init_from", dest="ckpt", required=True,
                         help="checkpoint: file, run directory, Hugging Face folder or hub id")
     text_arguments(parser, "calibration", "a domain of the built-in corpus (several, comma-separated, compose their "
-                   "experts), or the name of --calib's")
+                   "experts), or the name of --calib's", task=True)
     parser.add_argument("--compose", default="union", choices=("union", "mean"),
                         help="several domains: the union of each one's --keep experts, or --keep by their mean score")
     parser.add_argument("--keep", required=True, help="fraction of the original experts (0.125) or a count (8)")
@@ -331,15 +360,13 @@ def main(argv=None):
     parser.add_argument("--hf_out", default="", help="also export the pruned model in Hugging Face format here")
     args = parser.parse_args(argv)
     # every check before any work or writing
-    if not args.domain and not args.calib:
-        raise UserError("give --domain (a domain of the built-in corpus) or --calib PATH (your own text)")
+    domain, calibration = text_source(args)
     if args.calib_docs < 1:
         raise UserError(f"--calib_docs {args.calib_docs}: at least one calibration example is needed")
     domains = args.domain.split(",") if args.domain else []
     if args.calib and len(domains) > 1:
         raise UserError("--calib is one domain's text: compose several domains of the built-in corpus instead")
     model, ckpt = load_model(args.ckpt, args.device)
-    domain = "+".join(domains) or os.path.splitext(os.path.basename(os.path.normpath(args.calib)))[0]
     n_original, source = original_model(ckpt, domain, args.ckpt)
     keep = keep_count(parse_keep(args.keep), n_original, model.cfg.n_shared)
     if keep > min(model.cfg.layer_experts()):
@@ -350,7 +377,7 @@ def main(argv=None):
     n_examples = sum(len(idx) for batches in calibrations for idx, _ in batches)  # calibration sequences
     record = {"domain": domain, "keep": keep, "original_n_experts": n_original, "method": args.method,
               **({"compose": args.compose} if len(domains) > 1 else {}),
-              "calibration": args.calib or f"{args.data_dir} calibration documents", "calib_examples": n_examples,
+              "calibration": calibration, "calib_examples": n_examples,
               "source": source, "layers": layers}
     out = args.out or os.path.join("out", "pruned", model_name(args.ckpt), f"{domain}-keep{keep}-{args.method}")
     save_checkpoint(out + ".pt", {"model_config": dataclasses.asdict(model.cfg), "model": model.state_dict(),

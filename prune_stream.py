@@ -29,7 +29,7 @@ from data.tokenizer import from_record, tokenizer_record
 from errors import UserError, run_command
 from hf import DTYPES, OUTSIDE_LAYERS, TensorFiles, block_tensors, config_from_hf, load_block, write_metadata
 from model import EMO, Block, ModelConfig
-from prune import argument_texts, greedy_layer, keep_count, parse_keep, pruned_config, text_arguments
+from prune import argument_texts, greedy_layer, keep_count, parse_keep, pruned_config, text_arguments, text_source
 
 
 class HFLayers:
@@ -107,14 +107,13 @@ def stream_prune(source, batches, keep, folder, device="cpu"):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ckpt", required=True, help="a Hugging Face folder or a nanoEMO checkpoint")
-    text_arguments(parser, "calibration")
+    text_arguments(parser, "calibration", task=True)
     parser.add_argument("--keep", required=True, help="fraction of the experts (0.125) or a count (8)")
     parser.add_argument("--calib_docs", type=int, default=16, help="calibration examples used")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", required=True, help="the pruned model's folder (Hugging Face format)")
     args = parser.parse_args(argv)
-    if not args.domain and not args.calib:
-        raise UserError("give --domain (a domain of the built-in corpus) or --calib PATH (your own text)")
+    domain, calibration = text_source(args)
     if os.path.exists(args.out):
         raise UserError(f"{args.out} exists: give a new folder")
     source = HFLayers(args.ckpt) if is_hf_checkpoint(args.ckpt) else CheckpointLayers(args.ckpt)
@@ -122,14 +121,13 @@ def main(argv=None):
         raise UserError(f"{args.ckpt} keeps different numbers of experts per layer: stream the original model")
     keep = keep_count(parse_keep(args.keep), source.cfg.n_experts, source.cfg.n_shared)
     batches, = argument_texts(args, {"tokenizer": source.tokenizer}, source.cfg, [args.domain], args.calib_docs)
-    domain = args.domain or os.path.splitext(os.path.basename(os.path.normpath(args.calib)))[0]
     tmp = args.out.rstrip("/") + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
     try:
         pruned, layers, weight_map = stream_prune(source, batches, keep, tmp, args.device)
         record = {"domain": domain, "keep": keep, "original_n_experts": source.cfg.n_experts, "method": "greedy",
-                  "calibration": args.calib or f"{args.data_dir} calibration documents", "source": args.ckpt,
+                  "calibration": calibration, "source": args.ckpt,
                   "layers": layers}
         write_metadata(tmp, pruned, source.dtype, weight_map, from_record(source.tokenizer), record)
     except BaseException:

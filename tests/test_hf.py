@@ -11,12 +11,13 @@ import os
 
 import pytest
 import torch
-from safetensors.torch import save_file
+import tiktoken
+from safetensors.torch import load_file, save_file
 
 import prune
 from checkpoint import load_model
 from errors import UserError
-from hf import export_hf, load_hf
+from hf import export_hf, load_hf, pad_id
 from model import EMO, ModelConfig
 
 V, C, L, NH, E, K, H = 50, 16, 2, 2, 6, 3, 8  # vocab, width, layers, heads, experts (1 shared), top-k, hidden
@@ -62,11 +63,13 @@ def write_release(folder, tensors, config):
     return str(folder)
 
 
-def reference_forward(t, idx, theta=500000.0, eps=1e-6):
+def reference_forward(t, idx, theta=500000.0, eps=1e-6, top_k=K):
     """An independent forward of the release's architecture, token by token routing, written from the
-    description: pre-norm RMSNorm, RoPE (halves rotated), causal attention, softmax over the 5 routed
-    experts, top 2, weights not renormalised, shared expert (last) with weight 1."""
+    description: pre-norm RMSNorm, RoPE (halves rotated), causal attention, softmax over a layer's routed
+    experts (5 here, as many as its router has rows but the shared one), top_k - 1 of them, weights not
+    renormalised, shared expert (last) with weight 1: one top_k for every layer, as the release's code."""
     T, hd = len(idx), C // NH
+    n_layers = len({name.split(".")[2] for name in t if name.startswith("model.layers.")})
 
     def rms(x, w):
         return x / torch.sqrt((x * x).mean(-1, keepdim=True) + eps) * w
@@ -80,8 +83,9 @@ def reference_forward(t, idx, theta=500000.0, eps=1e-6):
         return x * angle.cos() + torch.cat([-x[:, half:], x[:, :half]], dim=-1) * angle.sin()
 
     x = t["model.embed_tokens.weight"][idx]
-    for i in range(L):
+    for i in range(n_layers):
         p = f"model.layers.{i}."
+        n_experts = len(t[p + "mlp.gate.weight"])
         h = rms(x, t[p + "pre_attention_layernorm.weight"])
         q, k, v = (h @ t[p + f"self_attn.{n}_proj.weight"].T for n in "qkv")
         heads = []
@@ -94,9 +98,9 @@ def reference_forward(t, idx, theta=500000.0, eps=1e-6):
         h = rms(x, t[p + "pre_feedforward_layernorm.weight"])
         out = torch.zeros_like(x)
         for n in range(T):
-            probs = (h[n] @ t[p + "mlp.gate.weight"][:E - 1].T).softmax(-1)
-            top = probs.topk(K - 1)
-            chosen = list(zip(top.indices.tolist(), top.values.tolist())) + [(E - 1, 1.0)]
+            probs = (h[n] @ t[p + "mlp.gate.weight"][:n_experts - 1].T).softmax(-1)
+            top = probs.topk(top_k - 1)
+            chosen = list(zip(top.indices.tolist(), top.values.tolist())) + [(n_experts - 1, 1.0)]
             for j, weight in chosen:
                 e = p + f"mlp.experts.{j}."
                 act = torch.nn.functional.silu(h[n] @ t[e + "gate_proj.weight"].T) * (h[n] @ t[e + "up_proj.weight"].T)
@@ -164,6 +168,29 @@ def test_export_then_load_a_pruned_model(tmp_path, method):
     assert loaded.cfg == model.cfg
     idx = torch.randint(0, V, (2, 12))
     assert torch.equal(loaded(idx), model(idx))
+
+
+def test_a_pruned_export_computes_as_the_release_code_would(tmp_path):
+    """A pruned export read as plain tensors and config.json, run by the reference forward (the release's
+    semantics: its one num_experts_per_tok), gives the pruned model's logits; config.json carries the
+    release's auto_map and names and the pad id of a tokenizer that has one."""
+    model = tiny_model()
+    batches = [(torch.randint(0, V, (1, 12)), torch.ones(1, 12, dtype=torch.bool)) for _ in range(3)]
+    prune.prune(model, batches, 4, "greedy")  # 3 routed + the shared expert in every layer
+    export_hf(model, str(tmp_path / "pruned"))
+    config = json.loads((tmp_path / "pruned" / "config.json").read_text())
+    assert config["auto_map"] == {"AutoConfig": "configuration_emo.EmoConfig",
+                                  "AutoModelForCausalLM": "modeling_emo.EmoForCausalLM"}
+    assert config["architectures"] == ["EmoForCausalLM"] and config["model_type"] == "emo"
+    assert config["num_experts"] == 4 and config["pad_token_id"] is None  # no tokenizer given
+    tensors = load_file(str(tmp_path / "pruned" / "model.safetensors"))
+    idx = torch.randint(0, 49, (10,))  # one document (49 is EOS)
+    reference = reference_forward(tensors, idx, top_k=config["num_experts_per_tok"])
+    torch.testing.assert_close(model(idx[None])[0], reference, rtol=1e-4, atol=1e-4)
+    padded = tiktoken.Encoding("tiny", pat_str=r"\S+|\s+", mergeable_ranks={bytes([b]): b for b in range(256)},
+                               special_tokens={"<|endoftext|>": 256, "<|pad|>": 257})
+    assert pad_id(padded) == 257 and pad_id(tiktoken.Encoding("plain", pat_str=r"\S+", mergeable_ranks={
+        bytes([b]): b for b in range(256)}, special_tokens={})) is None
 
 
 def test_release_folders_get_the_release_training_settings(tmp_path):
