@@ -1,9 +1,10 @@
 """
 Sampling speed with and without the KV cache: tokens/s of greedy generation of 200 new tokens after a
 200-token prompt, for a config's model (random weights: speed does not depend on them) with seq_len raised to
-hold prompt and answer. Not a test.
+hold prompt and answer, its weights in float32 or (--weights=bfloat16) bfloat16. Not a test.
 
     python bench/sample_speed.py config/emo_tiny.py
+    python bench/sample_speed.py config/emo_full.py --n_experts=16 --prompt_tokens=32 --new_tokens=32 --weights=bfloat16
     python bench/sample_speed.py config/emo_small.py --device=cuda
 """
 
@@ -26,6 +27,7 @@ class SampleConfig:
     prompt_tokens: int = 200
     new_tokens: int = 200
     batch: int = 1
+    weights: str = "float32"  # or bfloat16
 
 
 def main():
@@ -34,11 +36,13 @@ def main():
                           "cpu" if train_cfg.device == "auto" else train_cfg.device)
     cfg = dataclasses.replace(model_cfg, seq_len=max(model_cfg.seq_len, bench.prompt_tokens + bench.new_tokens))
     torch.manual_seed(0)
-    model = EMO(cfg).to(device).eval()
+    if bench.weights not in ("float32", "bfloat16"):
+        raise SystemExit(f"--weights={bench.weights}: float32 or bfloat16")
+    model = EMO(cfg).to(device, getattr(torch, bench.weights)).eval()
     prompt = torch.randint(0, cfg.vocab_size - 1, (bench.batch, bench.prompt_tokens), device=device)
     n_params = sum(p.numel() for p in model.parameters())
-    print(f"{device} ({torch.get_num_threads()} threads) | {bench.batch} x ({bench.prompt_tokens} prompt + "
-          f"{bench.new_tokens} new tokens), greedy | {n_params / 1e6:.1f}M parameters")
+    print(f"{device} ({torch.get_num_threads()} threads, {bench.weights}) | {bench.batch} x ({bench.prompt_tokens} "
+          f"prompt + {bench.new_tokens} new tokens), greedy | {n_params / 1e6:.1f}M parameters")
     speeds, outputs = {}, {}
     for use_cache in (True, False):
         start = time.perf_counter()
