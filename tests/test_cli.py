@@ -55,6 +55,20 @@ def test_prune_errors(capsys, tiny_corpus, tiny_checkpoints, tmp_path):
         "error: unknown domain 'klingon'; this corpus has: english, german, code, math")
 
 
+def test_task_errors(capsys, tiny_checkpoints, tmp_path):
+    line = one_line_error(capsys, evaluation.main, ["--ckpt", tiny_checkpoints["emo"], "--task", "mmlu_chemistry"])
+    assert line.startswith("error: no task mmlu_chemistry; the tasks are: arc_easy arc_challenge ") and \
+        " mmlu_stem " in line and " mmlu_anatomy " in line
+    base = ["--ckpt", tiny_checkpoints["emo"], "--keep", "4", "--out", str(tmp_path / "p")]
+    assert one_line_error(capsys, prune.main, [*base, "--task", "copa", "--calib_docs", "26"]) == (
+        "error: --calib_docs 26: copa gives 1 to 25 calibration questions")
+    assert one_line_error(capsys, prune.main, [*base, "--task", "copa,boolq"]) == (
+        "error: --task copa,boolq: one task at a time")
+    assert one_line_error(capsys, evaluation.main, ["--ckpt", tiny_checkpoints["emo"], "--task", "copa",
+                                                    "--data", "x.txt"]) == (
+        "error: give --data (text to score) or --task (benchmarks), not both")
+
+
 def test_truncated_and_foreign_checkpoints_are_named(capsys, tiny_corpus, tiny_checkpoints, tmp_path):
     good = open(os.path.join(tiny_checkpoints["emo"], "ckpt.pt"), "rb").read()
     truncated, foreign = tmp_path / "truncated.pt", tmp_path / "foreign.pt"
