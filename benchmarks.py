@@ -57,8 +57,8 @@ MMLU_SUBJECTS = {group: subjects.split() for group, subjects in MMLU_GROUPS.item
 class Question:
     """One multiple-choice question: a context per choice (WinoGrande's differ, the others' repeat), the
     choices as continuations, the index of the gold one, and a key naming the question across files."""
-    contexts: list
-    continuations: list
+    contexts: list  # [str] one per choice
+    continuations: list  # [str] the choices, each with its leading space
     gold: int
     key: str
 
@@ -184,17 +184,13 @@ def scored_questions(task, limit=0):
     return questions[:limit] if limit else questions
 
 
-def encode(encoding, text):
-    return encoding.encode_ordinary(text)
-
-
 def request_tokens(question, encoding, seq_len):
     """[(context tokens, continuation tokens)] per choice, context and continuation tokenized on their own (as
     OLMo's evaluation does); a context too long for the model keeps its last tokens (up to seq_len in all)."""
     requests = []
     for context, continuation in zip(question.contexts, question.continuations):
-        continuation = encode(encoding, continuation)[:seq_len - 1]
-        requests.append((encode(encoding, context)[-(seq_len - len(continuation)):], continuation))
+        continuation = encoding.encode_ordinary(continuation)[:seq_len - 1]
+        requests.append((encoding.encode_ordinary(context)[-(seq_len - len(continuation)):], continuation))
     return requests
 
 
