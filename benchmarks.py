@@ -168,6 +168,7 @@ def split_questions(task, split):
     return read_requests(task, "test_rc_5shot" if has_test_split(task) else "rc_5shot")
 
 
+@functools.cache  # a task's question sets never change: read and parse its files once, whatever the models
 def calibration_questions(task):
     """The task's calibration questions in a fixed shuffled order: CALIBRATION_POOL validation questions, or a
     quarter of them where the task is scored on that same split and a quarter is fewer (COPA: 25)."""
@@ -177,6 +178,7 @@ def calibration_questions(task):
     return questions[:pool]
 
 
+@functools.cache
 def scored_questions(task, limit=0):
     """The questions a task is scored on (the first limit of them, if given), none of the calibration ones."""
     held_out = {q.key for q in calibration_questions(task)}

@@ -109,13 +109,12 @@ def print_task_results(name, model, results):
 
 def evaluate(model, ckpt, path, args, tasks, corpus, device):
     """One model's results: {task: accuracies} for --task, else {domain: loss...} of the corpus or --data."""
-    if tasks:
-        encoding = checkpoint_tokenizer(ckpt, args.tokenizer, path)
-        return {task: score_task(model, encoding, task, args.batch_size, device, args.limit) for task in tasks}
     if corpus is not None:
         corpus.check_model(model.cfg.vocab_size, model.cfg.eos_id)
         return evaluate_domains(model, corpus, "val", args.batch_size, args.max_tokens, device)
     encoding = checkpoint_tokenizer(ckpt, args.tokenizer, path)
+    if tasks:
+        return {task: score_task(model, encoding, task, args.batch_size, device, args.limit) for task in tasks}
     results = {}
     for domain, data_path in named_paths(args.data, "--data").items():
         tokens, scored, _ = evaluation_text(data_path, encoding, model.cfg)

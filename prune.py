@@ -331,11 +331,11 @@ def argument_texts(args, ckpt, cfg, domains, n, seed=1):
     """The batches text_arguments point to, for a model of config cfg: one list per domain. A --task's first n
     calibration questions, or your own --calib text (its first n pieces), both tokenized with --tokenizer or the
     tokenizer ckpt records, else n task demonstrations of each built-in domain (seed: which passages)."""
-    if getattr(args, "task", ""):
+    task = getattr(args, "task", "")
+    if task or args.calib:
         encoding = checkpoint_tokenizer(ckpt, args.tokenizer, args.ckpt)
-        return [task_calibration(args.task, encoding, cfg.seq_len, n)]
-    if args.calib:
-        encoding = checkpoint_tokenizer(ckpt, args.tokenizer, args.ckpt)
+        if task:
+            return [task_calibration(task, encoding, cfg.seq_len, n)]
         return [calibration_batches(args.calib, encoding, cfg, n)]
     corpus = Corpus(args.data_dir)
     corpus.check_model(cfg.vocab_size, cfg.eos_id)
