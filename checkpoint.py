@@ -3,9 +3,8 @@ Checkpoints of nanoEMO: one torch file holding everything needed to rebuild a mo
 run to continue exactly where it stopped; and loading a model from any checkpoint, ours or the release's.
 
     {"model_config": {...}, "model": state_dict, "step": int, "tokenizer": {...}, ...}
-        # train.py adds optimizer, RNG, data position (training_state); prune.py adds "pruning"
-Written atomically: to a temporary file in the same directory, flushed to disk, then renamed over the old
-one, so a write killed half-way leaves the previous checkpoint intact.
+        # train.py (its save()) adds optimizer, RNG, data position; prune.py adds "pruning"
+Written atomically (files.py): a write killed half-way leaves the previous checkpoint intact.
 
     save_checkpoint("out/emo_tiny/ckpt.pt", payload)
     model, ckpt = load_model("out/emo_tiny")          # run directory, file, or Hugging Face folder / hub id
@@ -22,26 +21,11 @@ import torch.distributed as dist
 
 from data.tokenizer import from_record, load_tokenizer, tokenizer_record
 from errors import UserError, run_command
+from files import atomic_write
 from hf import DTYPES, export_hf, load_hf, resolve_folder
 from model import EMO, ModelConfig
 
 CHECKPOINT_NAME = "ckpt.pt"
-
-
-def atomic_write(path, write, mode="wb"):
-    """write(f) into a temporary file beside path, flushed to disk, then renamed over path: a write killed
-    half-way leaves the old file as it was."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp"
-    try:
-        with open(tmp, mode) as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def save_checkpoint(path, payload):
@@ -122,10 +106,10 @@ def load_model(path, device="cpu"):
     return model.eval(), ckpt
 
 
-def checkpoint_tokenizer(ckpt, given, path):
-    """The tiktoken encoding to use with a checkpoint: the one given (gpt2, cl100k_base, dolma2, a rank file
-    or a tokenizer.json), else the one the checkpoint records."""
-    encoding = load_tokenizer(given) if given else from_record(ckpt.get("tokenizer"))
+def checkpoint_tokenizer(record, given, path):
+    """The tiktoken encoding to use with the checkpoint at path: the one given (gpt2, cl100k_base, dolma2, a rank
+    file or a tokenizer.json), else the one it records (record: its "tokenizer" entry, None if it has none)."""
+    encoding = load_tokenizer(given) if given else from_record(record)
     if encoding is None:
         raise UserError(f"{path} records no tokenizer: give --tokenizer (gpt2, cl100k_base, dolma2, a rank file or "
                         "a tokenizer.json)")

@@ -1,13 +1,13 @@
 """
 Per-domain quality of a model on held-out text: loss, perplexity and next-token accuracy, in eval mode (token
 by token routing, no pool, as the release does at inference). The paper's experiment, which prunes and
-evaluates every domain at every fraction of experts kept, is sweep.py.
+evaluates every domain at every fraction of experts kept, is experiments/sweep.py.
 
     python eval.py --ckpt out/emo_tiny                                  # the built-in corpus's domains
     python eval.py --ckpt out/pruned/emo_tiny/python-keep8-greedy.pt
     python eval.py --ckpt out/emo_tiny --data my_eval/                  # your own text (data/user.py)
     python eval.py --ckpt out/emo_tiny,out/std_tiny --data notes=my_notes/,code=src/
-    python eval.py --ckpt allenai/Emo_1b14b_1T --task mmlu_stem,arc_easy  # the paper's benchmarks (benchmarks.py)
+    python eval.py --ckpt allenai/Emo_1b14b_1T --benchmark mmlu_stem,arc_easy   # the paper's benchmarks
 
 Evaluation text is laid back to back (each document closed by its EOS) and cut into windows of seq_len + 1
 tokens, every token predicted once; the last window is padded and its padding ignored; tokens that are not
@@ -22,11 +22,12 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from benchmarks import parse_tasks, score_task
+from benchmarks import parse_benchmarks, score_benchmark
 from checkpoint import checkpoint_paths, checkpoint_tokenizer, load_model, model_name
 from data.corpus import Corpus
 from data.user import evaluation_text, named_paths
 from errors import UserError, run_command
+from model import eval_mode
 
 
 def domain_windows(tokens, seq_len, max_tokens, scored=None):
@@ -53,23 +54,20 @@ def evaluate_windows(model, x, y, batch_size, device, autocast_dtype=torch.float
     Under torch.distributed the windows are shared out and the sums all-reduced; every rank runs the same
     number of forward passes (empty batches where it has none left), as FSDP needs."""
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-    was_training = model.training
-    model.eval()
     sums = torch.zeros(3, dtype=torch.float64, device=device)
     n_batches = math.ceil(len(x) / (batch_size * world))
-    for b in range(n_batches):
-        rows = slice((b * world + rank) * batch_size, (b * world + rank + 1) * batch_size)
-        xb, yb = x[rows].to(device), y[rows].to(device)
-        if len(xb) == 0:  # nothing left for this rank: a dummy pass with nothing scored
-            xb, yb = x[:1].to(device), torch.full_like(x[:1], -1).to(device)
-        with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype != torch.float32):
-            _, stats = model(xb, yb)  # the loss a chunk of logits at a time (lm_loss.py)
-        scored = (yb != -1).sum().double()
-        correct = (stats["lm_accuracy"].double() * scored).round()  # a count again (float32 mean x count)
-        sums += torch.stack([stats["lm_loss"].double() * scored, correct, scored])
+    with eval_mode(model):
+        for b in range(n_batches):
+            rows = slice((b * world + rank) * batch_size, (b * world + rank + 1) * batch_size)
+            xb, yb = x[rows].to(device), y[rows].to(device)
+            if len(xb) == 0:  # nothing left for this rank: a dummy pass with nothing scored
+                xb, yb = x[:1].to(device), torch.full_like(x[:1], -1).to(device)
+            with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype != torch.float32):
+                _, stats = model(xb, yb)  # the loss a chunk of logits at a time (lm_loss.py)
+            scored = (yb != -1).sum().double()
+            sums += torch.stack([stats["lm_loss"].double() * scored, stats["lm_correct"].double(), scored])
     if world > 1:
         dist.all_reduce(sums)
-    model.train(was_training)
     return sums
 
 
@@ -100,21 +98,23 @@ def print_results(name, model, results):
         print(f"{domain:<12}{r['loss']:>8.3f}{r['perplexity']:>10.2f}{r['accuracy']:>10.1%}{r['tokens']:>9}")
 
 
-def print_task_results(name, model, results):
+def print_benchmark_results(name, model, results):
     print(f"{name}: {model.cfg.n_experts} experts, top {model.cfg.top_k}")
-    print(f"{'task':<40}{'acc_raw':>9}{'acc_per_char':>14}{'questions':>11}")
-    for task, r in results.items():
-        print(f"{task:<40}{r['acc_raw']:>9.1%}{r['acc_per_char']:>14.1%}{r['n']:>11}")
+    print(f"{'benchmark':<40}{'acc_raw':>9}{'acc_per_char':>14}{'questions':>11}")
+    for benchmark, r in results.items():
+        print(f"{benchmark:<40}{r['acc_raw']:>9.1%}{r['acc_per_char']:>14.1%}{r['n']:>11}")
 
 
-def evaluate(model, ckpt, path, args, tasks, corpus, device):
-    """One model's results: {task: accuracies} for --task, else {domain: loss...} of the corpus or --data."""
+def evaluate(model, ckpt, path, args, benchmarks, corpus, device):
+    """One model's results: {benchmark: accuracies} for --benchmark, else {domain: loss...} of the corpus or
+    --data."""
     if corpus is not None:
         corpus.check_model(model.cfg.vocab_size, model.cfg.eos_id)
         return evaluate_domains(model, corpus, "val", args.batch_size, args.max_tokens, device)
-    encoding = checkpoint_tokenizer(ckpt, args.tokenizer, path)
-    if tasks:
-        return {task: score_task(model, encoding, task, args.batch_size, device, args.limit) for task in tasks}
+    encoding = checkpoint_tokenizer(ckpt.get("tokenizer"), args.tokenizer, path)
+    if benchmarks:
+        return {name: score_benchmark(model, encoding, name, args.batch_size, device, args.limit)
+                for name in benchmarks}
     results = {}
     for domain, data_path in named_paths(args.data, "--data").items():
         tokens, scored, _ = evaluation_text(data_path, encoding, model.cfg)
@@ -128,27 +128,29 @@ def main(argv=None):
                         help="checkpoint(s), comma-separated: files, run directories, Hugging Face folders or hub ids")
     parser.add_argument("--data_dir", default="data/multidomain", help="the built-in corpus")
     parser.add_argument("--data", default="", help="your own evaluation text: PATH, or NAME=PATH,...")
-    parser.add_argument("--task", default="", help="benchmarks instead of text, comma-separated "
+    parser.add_argument("--benchmark", default="", help="benchmarks instead of text, comma-separated "
                         "(a wrong name lists them)")
-    parser.add_argument("--limit", type=int, default=0, help="--task: score only the first LIMIT questions of each")
-    parser.add_argument("--tokenizer", default="", help="for --data or --task when the checkpoint records none")
+    parser.add_argument("--limit", type=int, default=0, help="--benchmark: score only the first LIMIT questions "
+                        "of each")
+    parser.add_argument("--tokenizer", default="", help="for --data or --benchmark when the checkpoint records none")
     parser.add_argument("--max_tokens", type=int, default=16384, help="evaluation tokens per domain")
     parser.add_argument("--batch_size", type=int, default=16)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--out", default="", help="also write the results here as JSON: {model: {task or domain: ...}}")
+    parser.add_argument("--out", default="", help="also write the results here as JSON: {model: {benchmark or "
+                        "domain: ...}}")
     args = parser.parse_args(argv)
-    if args.task and args.data:
-        raise UserError("give --data (text to score) or --task (benchmarks), not both")
+    if args.benchmark and args.data:
+        raise UserError("give --data (text to score) or --benchmark (benchmarks), not both")
     if args.limit < 0:
         raise UserError(f"--limit {args.limit}: give a number of questions, or 0 for all")
     device = torch.device(args.device)
-    tasks = parse_tasks(args.task) if args.task else []
-    corpus = None if args.data or tasks else Corpus(args.data_dir)
+    benchmarks = parse_benchmarks(args.benchmark) if args.benchmark else []
+    corpus = None if args.data or benchmarks else Corpus(args.data_dir)
     everything = {}
     for path in args.paths:
         model, ckpt = load_model(path, device)
-        results = evaluate(model, ckpt, path, args, tasks, corpus, device)
-        (print_task_results if tasks else print_results)(model_name(path), model, results)
+        results = evaluate(model, ckpt, path, args, benchmarks, corpus, device)
+        (print_benchmark_results if benchmarks else print_results)(model_name(path), model, results)
         everything[model_name(path)] = results
     if args.out:
         with open(args.out, "w") as f:

@@ -21,10 +21,10 @@ from dataclasses import dataclass
 
 import torch
 
+from calibration import POOL_SEED, argument_texts, text_arguments
 from checkpoint import load_model, save_checkpoint
 from errors import UserError, run_command
-from prune import argument_texts, text_arguments
-from tasks import demonstrations
+from model import token_routing
 
 
 @dataclass
@@ -73,32 +73,20 @@ def finetune(model, batches, cfg=FinetuneConfig()):
     generator = torch.Generator().manual_seed(cfg.seed)
     steps = [batch for _ in range(cfg.epochs) for batch in minibatches(batches, cfg.batch_size, generator)]
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.0)
-    kinds = [block.moe.router.kind for block in model.layers]
-    for block in model.layers:  # token routing while fine-tuning, as the release
-        block.moe.router.kind = "std"
     model.train()
     losses = []
-    for step, (idx, scored) in enumerate(steps):
-        for group in optimizer.param_groups:
-            group["lr"] = learning_rate(step, len(steps), cfg)
-        inputs, targets = answer_targets(idx.to(device), scored.to(device))
-        loss, _ = finetune_loss(model, inputs, targets, cfg.lb_weight)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        losses.append(loss.item())
-    for block, kind in zip(model.layers, kinds):
-        block.moe.router.kind = kind
+    with token_routing(model):  # no pools while fine-tuning, as the release
+        for step, (idx, scored) in enumerate(steps):
+            for group in optimizer.param_groups:
+                group["lr"] = learning_rate(step, len(steps), cfg)
+            inputs, targets = answer_targets(idx.to(device), scored.to(device))
+            loss, _ = finetune_loss(model, inputs, targets, cfg.lb_weight)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            losses.append(loss.item())
     return model.eval(), losses
-
-
-POOL_SEED = 2  # the fine-tuning pool's passages: others than pruning's calibration (seed 1)
-
-
-def domain_pool(corpus, domain, n):
-    """A built-in domain's fine-tuning pool: n demonstrations from its calibration documents, in one batch."""
-    return [demonstrations(corpus.documents("calib", domain), n, POOL_SEED)]
 
 
 def main(argv=None):
@@ -118,7 +106,7 @@ def main(argv=None):
     domain = args.domain or (ckpt.get("pruning") or {}).get("domain", "")
     if not args.calib and not domain:
         raise UserError("give --domain (a domain of the built-in corpus) or --calib PATH (your own text)")
-    batches, = argument_texts(args, ckpt, model.cfg, [domain], args.n_examples, POOL_SEED)
+    [batches] = argument_texts(args, ckpt.get("tokenizer"), model.cfg, [domain], args.n_examples, POOL_SEED)
     model, losses = finetune(model, batches, cfg)
     out = args.out or os.path.splitext(args.ckpt.rstrip("/"))[0] + "-ft.pt"
     record = {**dataclasses.asdict(cfg), "domain": domain, "data": args.calib or f"{args.data_dir} calibration "

@@ -2,11 +2,11 @@
 The language-model loss without the (tokens x vocabulary) logits: LM head + cross-entropy + LM-head z-loss,
 a chunk of tokens at a time, forward and backward.
 
-    loss, ce, z, acc = lm_loss(x, weight, targets, z_weight)  # x (N, C), weight (V, C), targets (N,), -1 = ignore
-    loss = ce + z_weight * z   (what the model optimises; ce, z and acc are detached, for logs and evaluation)
+    loss, ce, z, correct = lm_loss(x, weight, targets, z_weight)  # x (N, C), weight (V, C), targets (N,), -1 = ignore
+    loss = ce + z_weight * z   (what the model optimises; ce, z and correct are detached, for logs and evaluation)
     ce   = mean over targets != -1 of -log softmax(x @ weight^T)[target]
     z    = mean over targets != -1 of logsumexp(x @ weight^T)^2        (the release's LM-head z-loss)
-    acc  = fraction of targets != -1 whose logit is the highest         (next-token accuracy; a tie counts)
+    correct = how many targets != -1 have the highest logit              (next-token accuracy's count; a tie counts)
 
 Why: with the release's vocabulary (100,352) the float32 logits of 16k tokens take 6.6 GB, and autograd keeps
 them (and their softmax) for the backward even when they are made a chunk at a time. Here a custom autograd
@@ -24,15 +24,15 @@ import torch.nn.functional as F
 
 
 def lm_loss_reference(x, weight, targets, z_weight):
-    """The plain computation: (loss, ce, z, acc) as lm_loss, holding all (N, V) logits."""
+    """The plain computation: (loss, ce, z, correct) as lm_loss, holding all (N, V) logits."""
     logits = F.linear(x, weight).float()  # (N, V)
     valid = targets != -1
     n_targets = valid.sum().clamp(min=1)
     ce = F.cross_entropy(logits, targets, ignore_index=-1, reduction="sum") / n_targets
     z = (torch.logsumexp(logits, dim=-1).square() * valid).sum() / n_targets
     picked = logits.gather(1, targets.clamp(min=0)[:, None])[:, 0]  # (N,) logit of each target
-    accuracy = ((picked >= logits.amax(-1)) & valid).sum() / n_targets
-    return ce + z_weight * z, ce.detach(), z.detach(), accuracy
+    correct = ((picked >= logits.amax(-1)) & valid).sum().float()
+    return ce + z_weight * z, ce.detach(), z.detach(), correct
 
 
 # float32 logits a chunk holds: big GEMMs on a GPU (64 MB); on a CPU a chunk that stays in a core's cache and
@@ -81,18 +81,18 @@ class ChunkedLMLoss(torch.autograd.Function):
                     grad_w += (grad_logits.t().to(compute) @ xs).float()
         if needs_grad:
             ctx.save_for_backward(grad_x, grad_w.to(weight.dtype))
-        ce, z, accuracy = ce_sum / n_targets, z_sum / n_targets, correct / n_targets
-        ctx.mark_non_differentiable(ce, z, accuracy)
-        return ce + z_weight * z, ce, z, accuracy
+        ce, z = ce_sum / n_targets, z_sum / n_targets
+        ctx.mark_non_differentiable(ce, z, correct)
+        return ce + z_weight * z, ce, z, correct
 
     @staticmethod
-    def backward(ctx, grad_loss, grad_ce, grad_z, grad_accuracy):
-        grad_x, grad_w = ctx.saved_tensors  # ce, z and accuracy are for logs only: their gradients are unused
+    def backward(ctx, grad_loss, grad_ce, grad_z, grad_correct):
+        grad_x, grad_w = ctx.saved_tensors  # ce, z and correct are for logs only: their gradients are unused
         return grad_loss * grad_x, grad_loss * grad_w, None, None, None, None
 
 
 def lm_loss(x, weight, targets, z_weight, rows=None):
-    """(loss, ce, z, acc) of the LM head weight (V, C) on x (N, C) against targets (N,), rows tokens at a time
+    """(loss, ce, z, correct) of the LM head weight (V, C) on x (N, C) against targets (N,), rows tokens at a time
     (default: chunk_rows for x's device)."""
     # (inside Function.forward grad mode is always off and needs_input_grad ignores torch.no_grad(): ask here)
     needs_grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)

@@ -25,6 +25,7 @@ How tokens are routed follows the module's mode: training draws EMO's pools, eva
 (or with pools of pool_eval experts when it is set), as the release does at inference.
 """
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -302,12 +303,12 @@ class EMO(nn.Module):
     def forward(self, idx, targets=None, cache=None):
         """idx (B, T) token ids -> logits (B, T, V) float32. With targets (B, T) (next tokens, -1 = ignore):
         (loss to optimise, stats) instead, the loss made a chunk of logits at a time (lm_loss.py), never
-        holding all of them. stats: those of hidden_states, and lm_loss (cross-entropy), lm_z_loss and
-        lm_accuracy (next-token accuracy), each a mean over the targets."""
+        holding all of them. stats: those of hidden_states, lm_loss (cross-entropy) and lm_z_loss (means over the
+        targets), and lm_correct (how many targets get the highest logit: next-token accuracy's count)."""
         x, stats = self.hidden_states(idx, cache)
         if targets is None:
             return self.lm_head(x).float()
-        lm, stats["lm_loss"], stats["lm_z_loss"], stats["lm_accuracy"] = lm_loss(
+        lm, stats["lm_loss"], stats["lm_z_loss"], stats["lm_correct"] = lm_loss(
             x.flatten(0, 1), self.lm_head.weight, targets.reshape(-1), self.cfg.lm_z_weight)
         loss = lm + self.cfg.lb_weight * stats["lb_loss"] + self.cfg.z_weight * stats["z_loss"]
         return loss, stats
@@ -318,21 +319,19 @@ class EMO(nn.Module):
         temperature 0 takes the most likely token; sample_top_k keeps only the most likely tokens. With
         use_cache a KVCache makes each new token cost one position while the sequence fits in seq_len; past
         it the context window slides (positions change: nothing to reuse), as without the cache."""
-        was_training = self.training
-        self.eval()
         cache = None
-        for _ in range(max_new_tokens):
-            if use_cache and idx.shape[1] <= self.cfg.seq_len:
-                if cache is None:  # the prompt, all at once
-                    cache = KVCache(self.cfg, idx.shape[0], idx.device, self.embed.weight.dtype)
-                    logits = self(idx, cache=cache)
+        with eval_mode(self):
+            for _ in range(max_new_tokens):
+                if use_cache and idx.shape[1] <= self.cfg.seq_len:
+                    if cache is None:  # the prompt, all at once
+                        cache = KVCache(self.cfg, idx.shape[0], idx.device, self.embed.weight.dtype)
+                        logits = self(idx, cache=cache)
+                    else:
+                        logits = self(idx[:, -1:], cache=cache)
                 else:
-                    logits = self(idx[:, -1:], cache=cache)
-            else:
-                logits = self(idx[:, -self.cfg.seq_len:])
-            next_token = pick_token(logits[:, -1], temperature, sample_top_k)  # (B, 1)
-            idx = torch.cat([idx, next_token], dim=1)
-        self.train(was_training)
+                    logits = self(idx[:, -self.cfg.seq_len:])
+                next_token = pick_token(logits[:, -1], temperature, sample_top_k)  # (B, 1)
+                idx = torch.cat([idx, next_token], dim=1)
         return idx
 
 
@@ -345,3 +344,32 @@ def pick_token(logits, temperature, sample_top_k):
         kth = logits.topk(min(sample_top_k, logits.shape[-1])).values[:, [-1]]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     return torch.multinomial(logits.softmax(-1), num_samples=1)
+
+
+# The three ways a model routes: training draws EMO's pools, eval mode routes token by token (or with pools of
+# pool_eval), and fine-tuning after pruning trains with token routing (token_routing).
+
+@contextmanager
+def eval_mode(model):
+    """model in eval mode inside the block, its mode restored after, whatever happens."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
+
+
+@contextmanager
+def token_routing(model):
+    """Every router acts as the standard one inside the block (no pools, in training too, as the release
+    fine-tunes after pruning); each router's own kind is restored after, whatever happens."""
+    routers = [block.moe.router for block in model.layers]
+    kinds = [router.kind for router in routers]
+    for router in routers:
+        router.kind = "std"
+    try:
+        yield model
+    finally:
+        for router, kind in zip(routers, kinds):
+            router.kind = kind

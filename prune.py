@@ -8,15 +8,10 @@ min(top_k, kept).
     python prune.py --ckpt out/emo_tiny --domain math --keep 16 --method global --calib_docs 1
     python prune.py --ckpt out/emo_tiny --calib my_notes/ --domain notes --keep 0.25     # your own text
     python prune.py --ckpt out/emo_tiny --domain python,c --keep 0.125      # both domains' 8 experts, composed
-    python prune.py --ckpt allenai/Emo_1b14b_1T --task mmlu_stem --keep 16   # a benchmark's questions
+    python prune.py --ckpt allenai/Emo_1b14b_1T --benchmark mmlu_stem --keep 16    # a benchmark's questions
 
-Calibration examples: for a domain of the built-in corpus (--domain, --data_dir), task demonstrations made
-from its calibration documents (tasks.py: a passage and its true continuation, the continuation's tokens
-scored); for your own text (--calib PATH: a text file, a folder or glob of them, or JSON Lines with "text" or
-"prompt"/"answer"; data/user.py), every token of a document or the answer's tokens of a demonstration,
-tokenized with the checkpoint's tokenizer (or --tokenizer); for a benchmark (--task, benchmarks.py), its
-validation questions, each its 5-shot context and gold answer, every token scored, as the release calibrates.
---calib_docs caps how many examples are used.
+Calibration examples come from a built-in domain (--domain), your own text (--calib) or a benchmark
+(--benchmark): calibration.py says what each gives. --calib_docs caps how many are used.
 --keep is a fraction of the original model's experts (with a decimal point: 0.25, 1.0) or a count (16).
 Methods (scores per routed expert, averaged over the scored calibration tokens):
     greedy     the release's default: layers in order, layer l scored by its mean router probability with
@@ -45,16 +40,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from benchmarks import calibration_batches as task_calibration, parse_tasks
-from checkpoint import checkpoint_tokenizer, load_model, model_name, save_checkpoint
+from calibration import argument_texts, text_arguments, text_source
+from checkpoint import load_model, model_name, save_checkpoint
 from data.tokenizer import from_record
-from model import ModelConfig
-from data.corpus import Corpus
-from data.user import calibration_batches
 from errors import UserError, run_command
 from hf import export_hf
 from kernels import swiglu
-from tasks import demonstrations
+from model import ModelConfig, eval_mode
 
 METHODS = ("greedy", "global", "global_budget", "frequency", "easy_ep", "random")
 
@@ -95,14 +87,12 @@ def moe_calls(model, idx):
         return hook
 
     hooks = [block.moe.register_forward_hook(capture(i)) for i, block in enumerate(model.layers)]
-    was_training = model.training
-    model.eval()
     try:
-        model.hidden_states(idx)
+        with eval_mode(model):
+            model.hidden_states(idx)
     finally:
         for hook in hooks:
             hook.remove()
-        model.train(was_training)
     return [calls[i] for i in range(len(model.layers))]
 
 
@@ -221,14 +211,11 @@ def greedy_layerwise(model, calibrations, n_routed, compose="union"):
     states go from layer to layer, each layer's MoE input scored, the layer pruned, then run pruned
     (greedy_layer). calibrations: one list of batches per domain. Returns each layer's record (keep_best)."""
     device = model.embed.weight.device
-    was_training = model.training
-    model.eval()
-    # per domain, per batch: the block inputs (x, cos, sin, mask, doc ids) and the scored tokens (N,)
-    states = [[model.layer_inputs(idx.to(device)) for idx, _ in batches] for batches in calibrations]
-    scored = [[mask.flatten().to(device) for _, mask in batches] for batches in calibrations]
-    layers = [greedy_layer(block, states, scored, n_routed, compose) for block in model.layers]
-    model.train(was_training)
-    return layers
+    with eval_mode(model):
+        # per domain, per batch: the block inputs (x, cos, sin, mask, doc ids) and the scored tokens (N,)
+        states = [[model.layer_inputs(idx.to(device)) for idx, _ in batches] for batches in calibrations]
+        scored = [[mask.flatten().to(device) for _, mask in batches] for batches in calibrations]
+        return [greedy_layer(block, states, scored, n_routed, compose) for block in model.layers]
 
 
 def prune_composed(model, calibrations, keep, method, seed=0, compose="union"):
@@ -295,59 +282,12 @@ def in_original_ids(layers, ckpt):
             for layer, before in zip(layers, previous["layers"])]
 
 
-def text_arguments(parser, purpose, domain_help="a domain of the built-in corpus, or the name of --calib's",
-                   task=False):
-    """Where the text of a command that calibrates or fine-tunes comes from: --domain of the built-in corpus in
-    --data_dir, or your own --calib text, tokenized with --tokenizer when the checkpoint records none; with
-    task, also a benchmark's questions (--task)."""
-    parser.add_argument("--domain", default="", help=domain_help)
-    parser.add_argument("--calib", default="", help=f"your own {purpose} text: file, folder, glob or .jsonl")
-    if task:
-        parser.add_argument("--task", default="", help="a benchmark (benchmarks.py): its validation questions, "
-                            "each with its 5-shot context and gold answer, every token scored")
-    parser.add_argument("--tokenizer", default="", help=f"for --calib{' or --task' if task else ''} when the "
-                        "checkpoint records none: gpt2, cl100k_base, dolma2, a rank file or a tokenizer.json")
-    parser.add_argument("--data_dir", default="data/multidomain", help="the built-in corpus")
-
-
-def text_source(args):
-    """(name, description) of the one text text_arguments point to; an error where none is given or two are."""
-    task = getattr(args, "task", "")
-    if task:
-        if args.calib or args.domain:
-            raise UserError("--task is the calibration text and its name: give no --calib or --domain with it")
-        parse_tasks(task)
-        if "," in task:
-            raise UserError(f"--task {task}: one task at a time")
-        return task, f"task {task}: validation questions, 5-shot context and gold answer"
-    if not args.domain and not args.calib:
-        raise UserError("give --domain (a domain of the built-in corpus), --calib PATH (your own text)"
-                        f"{' or --task NAME (a benchmark)' if hasattr(args, 'task') else ''}")
-    name = args.domain.replace(",", "+") or os.path.splitext(os.path.basename(os.path.normpath(args.calib)))[0]
-    return name, args.calib or f"{args.data_dir} calibration documents"
-
-
-def argument_texts(args, ckpt, cfg, domains, n, seed=1):
-    """The batches text_arguments point to, for a model of config cfg: one list per domain. A --task's first n
-    calibration questions, or your own --calib text (its first n pieces), both tokenized with --tokenizer or the
-    tokenizer ckpt records, else n task demonstrations of each built-in domain (seed: which passages)."""
-    task = getattr(args, "task", "")
-    if task or args.calib:
-        encoding = checkpoint_tokenizer(ckpt, args.tokenizer, args.ckpt)
-        if task:
-            return [task_calibration(task, encoding, cfg.seq_len, n)]
-        return [calibration_batches(args.calib, encoding, cfg, n)]
-    corpus = Corpus(args.data_dir)
-    corpus.check_model(cfg.vocab_size, cfg.eos_id)
-    return [[demonstrations(corpus.documents("calib", d), n, seed)] for d in domains]
-
-
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ckpt", "--init_from", dest="ckpt", required=True,
                         help="checkpoint: file, run directory, Hugging Face folder or hub id")
     text_arguments(parser, "calibration", "a domain of the built-in corpus (several, comma-separated, compose their "
-                   "experts), or the name of --calib's", task=True)
+                   "experts), or the name of --calib's", benchmark=True)
     parser.add_argument("--compose", default="union", choices=("union", "mean"),
                         help="several domains: the union of each one's --keep experts, or --keep by their mean score")
     parser.add_argument("--keep", required=True, help="fraction of the original experts (0.125) or a count (8)")
@@ -371,7 +311,7 @@ def main(argv=None):
     keep = keep_count(parse_keep(args.keep), n_original, model.cfg.n_shared)
     if keep > min(model.cfg.layer_experts()):
         raise UserError(f"{args.ckpt} keeps {min(model.cfg.layer_experts())} experts in a layer, it cannot keep {keep}")
-    calibrations = argument_texts(args, ckpt, model.cfg, domains, args.calib_docs)
+    calibrations = argument_texts(args, ckpt.get("tokenizer"), model.cfg, domains, args.calib_docs)
     layers = prune_composed(model, calibrations, keep, args.method, args.seed, args.compose)
     layers = in_original_ids(layers, ckpt)
     n_examples = sum(len(idx) for batches in calibrations for idx, _ in batches)  # calibration sequences

@@ -24,12 +24,13 @@ import shutil
 import torch
 from safetensors.torch import save_file
 
+from calibration import argument_texts, text_arguments, text_source
 from checkpoint import is_hf_checkpoint, load_checkpoint
 from data.tokenizer import from_record, tokenizer_record
 from errors import UserError, run_command
 from hf import DTYPES, OUTSIDE_LAYERS, TensorFiles, block_tensors, config_from_hf, load_block, write_metadata
 from model import EMO, Block, ModelConfig
-from prune import argument_texts, greedy_layer, keep_count, parse_keep, pruned_config, text_arguments, text_source
+from prune import greedy_layer, keep_count, parse_keep, pruned_config
 
 
 class HFLayers:
@@ -79,7 +80,8 @@ def stream_prune(source, batches, keep, folder, device="cpu"):
     """Prune source's model (HFLayers or CheckpointLayers) to keep experts per layer, layer-wise greedy, writing
     each pruned layer's shard into folder as it is made. Returns (the pruned config, per-layer records, the
     shards' index {tensor name: file})."""
-    cfg, compute = source.cfg, torch.float32 if torch.device(device).type == "cpu" else source.dtype
+    cfg = source.cfg
+    compute = torch.float32 if torch.device(device).type == "cpu" else source.dtype
     with torch.device("meta"):
         skeleton = EMO(cfg)  # only its embedding is filled: layer_inputs
     skeleton.embed = torch.nn.Embedding.from_pretrained(source.outside("embed.weight").to(device, compute))
@@ -107,7 +109,7 @@ def stream_prune(source, batches, keep, folder, device="cpu"):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ckpt", required=True, help="a Hugging Face folder or a nanoEMO checkpoint")
-    text_arguments(parser, "calibration", task=True)
+    text_arguments(parser, "calibration", benchmark=True)
     parser.add_argument("--keep", required=True, help="fraction of the experts (0.125) or a count (8)")
     parser.add_argument("--calib_docs", type=int, default=16, help="calibration examples used")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -120,7 +122,7 @@ def main(argv=None):
     if source.cfg.experts_per_layer:
         raise UserError(f"{args.ckpt} keeps different numbers of experts per layer: stream the original model")
     keep = keep_count(parse_keep(args.keep), source.cfg.n_experts, source.cfg.n_shared)
-    batches, = argument_texts(args, {"tokenizer": source.tokenizer}, source.cfg, [args.domain], args.calib_docs)
+    [batches] = argument_texts(args, source.tokenizer, source.cfg, [args.domain], args.calib_docs)
     tmp = args.out.rstrip("/") + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)

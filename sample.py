@@ -39,7 +39,7 @@ def main(argv=None):
         except (OSError, UnicodeDecodeError) as error:
             raise UserError(f"cannot read --prompt_file {args.prompt_file}: {error}") from None
     model, ckpt = load_model(args.ckpt, args.device)
-    encoding = checkpoint_tokenizer(ckpt, args.tokenizer, args.ckpt)
+    encoding = checkpoint_tokenizer(ckpt.get("tokenizer"), args.tokenizer, args.ckpt)
     # an empty prompt starts a new document: the EOS that closes the one before it
     ids = encoding.encode_ordinary(prompt) or [model.cfg.eos_id]
     torch.manual_seed(args.seed)

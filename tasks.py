@@ -23,8 +23,9 @@ scored are never seen by it.
     tokens, answer_mask = demonstrations(corpus.documents("calib", "python"), n=16)    # (16, T) each
     tokens, every_token = few_shot_examples(corpus.documents("calib", "python"), n=4, shots=2)  # (4, 3 T)
 
-log_likelihoods is the plain definition (each passage and choice one sequence); shared_context_log_likelihoods
-computes the same numbers with each passage run once for its four choices, the speed-up the scoring uses.
+log_likelihoods is the plain definition (each passage and choice one sequence: benchmarks.py's
+request_log_likelihoods, the project's one definition of a continuation's score); the scoring uses its fast path,
+shared_context_log_likelihoods: the same numbers with each passage run once for its four choices.
 """
 
 from dataclasses import dataclass
@@ -33,8 +34,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from benchmarks import request_log_likelihoods
 from errors import UserError
-from model import KVCache
+from model import KVCache, eval_mode
 
 PASSAGE, ANSWER, CHOICES, ITEMS_PER_DOCUMENT = 64, 16, 4, 2
 
@@ -106,22 +108,13 @@ def continuation_log_probs(model, hidden, continuation):
     return log_probs.gather(2, continuation[..., None])[..., 0].sum(1).cpu()
 
 
-@torch.no_grad()
 def log_likelihoods(model, contexts, continuations, batch_size, device):
-    """The definition: (n * c,) summed log-probabilities of continuations (n * c, A) given their contexts
-    (n, L), c continuations per context in order, each context + continuation run as one sequence, routing
-    token by token (eval mode)."""
-    n, L = contexts.shape
-    sequences = torch.cat([contexts.repeat_interleave(len(continuations) // n, dim=0), continuations], dim=1)
-    was_training = model.training
-    model.eval()
-    sums = []
-    for batch in sequences.split(batch_size):
-        batch = batch.to(device)
-        hidden, _ = model.hidden_states(batch[:, :-1])  # (b, L + A - 1, C)
-        sums.append(continuation_log_probs(model, hidden[:, L - 1:], batch[:, L:]))
-    model.train(was_training)
-    return torch.cat(sums)
+    """The definition (benchmarks.request_log_likelihoods): (n * c,) summed log-probabilities of continuations
+    (n * c, A) given their contexts (n, L), c continuations per context in order, each context + continuation
+    run as one sequence, routing token by token (eval mode)."""
+    c = len(continuations) // len(contexts)
+    requests = [(contexts[i // c].tolist(), continuation.tolist()) for i, continuation in enumerate(continuations)]
+    return request_log_likelihoods(model, requests, batch_size, device)
 
 
 @torch.no_grad()
@@ -131,20 +124,18 @@ def shared_context_log_likelihoods(model, contexts, continuations, batch_size, d
     (n, L), A = contexts.shape, continuations.shape[1]
     c = len(continuations) // n
     per_pass = max(1, batch_size // c)  # contexts per pass
-    was_training = model.training
-    model.eval()
     sums = []
-    for start in range(0, n, per_pass):
-        context = contexts[start:start + per_pass].to(device)  # (b, L)
-        continuation = continuations[start * c:(start + per_pass) * c].to(device)  # (b * c, A)
-        cache = KVCache(model.cfg, len(context), device, model.embed.weight.dtype, positions=L + A)
-        context_hidden, _ = model.hidden_states(context, cache=cache)  # (b, L, C)
-        cache.repeat_interleave(c)
-        continuation_hidden, _ = model.hidden_states(continuation[:, :-1], cache=cache)  # (b * c, A - 1, C)
-        # the positions predicting the continuation: the context's last, then the continuation's own
-        hidden = torch.cat([context_hidden[:, -1:].repeat_interleave(c, dim=0), continuation_hidden], dim=1)
-        sums.append(continuation_log_probs(model, hidden, continuation))
-    model.train(was_training)
+    with eval_mode(model):
+        for start in range(0, n, per_pass):
+            context = contexts[start:start + per_pass].to(device)  # (b, L)
+            continuation = continuations[start * c:(start + per_pass) * c].to(device)  # (b * c, A)
+            cache = KVCache(model.cfg, len(context), device, model.embed.weight.dtype, positions=L + A)
+            context_hidden, _ = model.hidden_states(context, cache=cache)  # (b, L, C)
+            cache.repeat_interleave(c)
+            continuation_hidden, _ = model.hidden_states(continuation[:, :-1], cache=cache)  # (b * c, A - 1, C)
+            # the positions predicting the continuation: the context's last, then the continuation's own
+            hidden = torch.cat([context_hidden[:, -1:].repeat_interleave(c, dim=0), continuation_hidden], dim=1)
+            sums.append(continuation_log_probs(model, hidden, continuation))
     return torch.cat(sums)
 
 

@@ -34,13 +34,14 @@ import torch
 import torch.distributed as dist
 from torch.utils.checkpoint import checkpoint
 
-from checkpoint import (CHECKPOINT_NAME, all_ranks_rng_states, atomic_write, check_shapes, full_state,
-                        load_checkpoint, load_full_state, save_checkpoint, set_rng_state)
+from checkpoint import (CHECKPOINT_NAME, all_ranks_rng_states, check_shapes, full_state, load_checkpoint,
+                        load_full_state, save_checkpoint, set_rng_state)
 from configurator import parse_args
 from data.corpus import Corpus, TrainWindows, expand_train_files
 from data.tokenizer import tokenizer_record
 from errors import UserError, run_command
 from eval import evaluate_domains
+from files import atomic_write
 from kernels import expert_path
 from model import EMO, ModelConfig
 from parallel import any_rank, build_model, leave_process_group, setup_distributed

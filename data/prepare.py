@@ -29,6 +29,7 @@ from tqdm import tqdm
 from data.sources import DOMAINS, fetch, read_domain
 from data.tokenizer import count_chunks, load_tokenizer, save_ranks, train_bpe
 from errors import UserError, run_command
+from files import atomic_write
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -109,13 +110,10 @@ def build_corpus(documents, out_dir, tokenizer="bpe", vocab_size=4096, max_bytes
     for start, end, domain in train_spans:
         meta["train_docs"][domain] += 1
         meta["train_tokens"][domain] += end - start
-    # write data files first and meta.json last, each by rename: a corpus with meta.json is complete
+    # data files first and meta.json last, each written atomically: a corpus with meta.json is complete
     for name, array in (("train.bin", train), ("val.bin", held_out)):
-        array.tofile(os.path.join(out_dir, name + ".tmp"))
-        os.replace(os.path.join(out_dir, name + ".tmp"), os.path.join(out_dir, name))
-    with open(os.path.join(out_dir, "meta.json.tmp"), "w") as f:
-        json.dump(meta, f, indent=1)
-    os.replace(os.path.join(out_dir, "meta.json.tmp"), os.path.join(out_dir, "meta.json"))
+        atomic_write(os.path.join(out_dir, name), array.tofile)
+    atomic_write(os.path.join(out_dir, "meta.json"), lambda f: json.dump(meta, f, indent=1), "w")
     return meta
 
 

@@ -140,7 +140,7 @@ def cl100k_base():
     except Exception as error:  # tiktoken downloads its rank file on first use
         raise UserError(f"cl100k_base could not be loaded ({error}); tiktoken fetches it from the network on "
                         "first use (then caches it, see TIKTOKEN_CACHE_DIR): run once with a network, or use "
-                        "--tokenizer bpe / gpt2") from error
+                        "gpt2 (or a corpus of python -m data.prepare --tokenizer bpe)") from error
 
 
 NAMED = ("gpt2", "cl100k_base", "dolma2")  # encodings load_tokenizer builds by name

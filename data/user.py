@@ -12,6 +12,7 @@ answer's (and its EOS) for a demonstration (the prompt is context).
     examples = read_examples("my_notes/")                                 # [Example]
     tokens = tokenize_examples(examples, encoding, eos_id, vocab_size)    # [(tokens, scored)]
     batches = example_batches(tokens, seq_len, n=16)                      # [(idx (b, T), scored (b, T))]
+    batches = document_batches(text_tokens, seq_len)                      # one text, every token scored
     named_paths("notes=my_notes/,code=src/", "--data")                    # {"notes": "my_notes/", ...}
 """
 
@@ -136,9 +137,16 @@ def example_batches(tokenized, seq_len, n, rows=16):
             for group in groups]
 
 
-def calibration_batches(path, encoding, cfg, n):
-    """prune.py --calib PATH: the first n calibration pieces of the user's text as batches (example_batches),
-    tokenized with encoding for a model of config cfg."""
+def document_batches(tokens, seq_len):
+    """Text (n,) cut into windows of seq_len (the last shorter), 16 windows a batch, every token scored:
+    [(idx (b, T), scored (b, T))] (example_batches of one document)."""
+    tokens = np.asarray(tokens, dtype=np.int64)
+    return example_batches([(tokens, np.ones(len(tokens), dtype=bool))], seq_len, n=len(tokens))
+
+
+def user_batches(path, encoding, cfg, n):
+    """--calib PATH: the first n pieces of the user's text as batches (example_batches), tokenized with encoding
+    for a model of config cfg."""
     tokenized = tokenize_examples(read_examples(path), encoding, cfg.eos_id, cfg.vocab_size)
     return example_batches(tokenized, cfg.seq_len, n)
 

@@ -3,7 +3,7 @@
 # from Debian's manpages-fr, rendered to plain text files: 16 to calibrate on, 50 held out for evaluation.
 #   bash scripts/example_domain.sh          # writes out/french/calib/*.txt and out/french/eval/*.txt
 # Then, for example:
-#   python sweep.py --ckpt out/emo_tiny,out/std_tiny --calib french=out/french/calib \
+#   python -m experiments.sweep --ckpt out/emo_tiny,out/std_tiny --calib french=out/french/calib \
 #       --data french=out/french/eval --out out/sweep_french
 # Needs apt-get (Debian/Ubuntu; `apt-get update` once on a fresh machine) and groff.
 set -euo pipefail

@@ -32,9 +32,9 @@ train() {  # $1: config name; resumes a run that has a checkpoint (a finished on
 }
 
 sweep() {
-  $PY sweep.py --ckpt "$RUNS/emo_small,$RUNS/std_small" --data_dir "$DATA" \
+  $PY -m experiments.sweep --ckpt "$RUNS/emo_small,$RUNS/std_small" --data_dir "$DATA" \
     --keep 1.0,0.5,0.25,0.125,0.0625 --calib_docs "${CALIB_DOCS:-16}" --out "$RESULTS"
-  $PY report.py --curves "$RUNS/emo_small,$RUNS/std_small" --out "$RESULTS"
+  $PY -m experiments.report --curves "$RUNS/emo_small,$RUNS/std_small" --out "$RESULTS"
   cp "$RUNS/emo_small/log.txt" "$RESULTS/emo_small_log.txt"
   cp "$RUNS/std_small/log.txt" "$RESULTS/std_small_log.txt"
 }

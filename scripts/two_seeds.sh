@@ -14,9 +14,9 @@ for model in emo_tiny std_tiny; do
 done
 wait
 for model in emo_tiny std_tiny; do
-  OMP_NUM_THREADS=1 $PY sweep.py --ckpt "out/${model}_seed$SEED" --out "out/sweeps/${model}_seed$SEED" \
+  OMP_NUM_THREADS=1 $PY -m experiments.sweep --ckpt "out/${model}_seed$SEED" --out "out/sweeps/${model}_seed$SEED" \
     > "out/sweeps_${model}_seed$SEED.log" 2>&1 &
 done
 wait
-$PY report.py --combine "out/sweeps/emo_tiny_seed$SEED,out/sweeps/std_tiny_seed$SEED" --out "out/sweep_tiny_seed$SEED"
-$PY report.py --seeds "out/sweep_tiny,out/sweep_tiny_seed$SEED" --out out/seeds.md
+$PY -m experiments.report --combine "out/sweeps/emo_tiny_seed$SEED,out/sweeps/std_tiny_seed$SEED" --out "out/sweep_tiny_seed$SEED"
+$PY -m experiments.report --seeds "out/sweep_tiny,out/sweep_tiny_seed$SEED" --out out/seeds.md

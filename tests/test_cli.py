@@ -55,18 +55,18 @@ def test_prune_errors(capsys, tiny_corpus, tiny_checkpoints, tmp_path):
         "error: unknown domain 'klingon'; this corpus has: english, german, code, math")
 
 
-def test_task_errors(capsys, tiny_checkpoints, tmp_path):
-    line = one_line_error(capsys, evaluation.main, ["--ckpt", tiny_checkpoints["emo"], "--task", "mmlu_chemistry"])
-    assert line.startswith("error: no task mmlu_chemistry; the tasks are: arc_easy arc_challenge ") and \
+def test_benchmark_errors(capsys, tiny_checkpoints, tmp_path):
+    line = one_line_error(capsys, evaluation.main, ["--ckpt", tiny_checkpoints["emo"], "--benchmark", "mmlu_chemistry"])
+    assert line.startswith("error: no benchmark mmlu_chemistry; the benchmarks are: arc_easy arc_challenge ") and \
         " mmlu_stem " in line and " mmlu_anatomy " in line
     base = ["--ckpt", tiny_checkpoints["emo"], "--keep", "4", "--out", str(tmp_path / "p")]
-    assert one_line_error(capsys, prune.main, [*base, "--task", "copa", "--calib_docs", "26"]) == (
+    assert one_line_error(capsys, prune.main, [*base, "--benchmark", "copa", "--calib_docs", "26"]) == (
         "error: --calib_docs 26: copa gives 1 to 25 calibration questions")
-    assert one_line_error(capsys, prune.main, [*base, "--task", "copa,boolq"]) == (
-        "error: --task copa,boolq: one task at a time")
-    assert one_line_error(capsys, evaluation.main, ["--ckpt", tiny_checkpoints["emo"], "--task", "copa",
+    assert one_line_error(capsys, prune.main, [*base, "--benchmark", "copa,boolq"]) == (
+        "error: --benchmark copa,boolq: one benchmark at a time")
+    assert one_line_error(capsys, evaluation.main, ["--ckpt", tiny_checkpoints["emo"], "--benchmark", "copa",
                                                     "--data", "x.txt"]) == (
-        "error: give --data (text to score) or --task (benchmarks), not both")
+        "error: give --data (text to score) or --benchmark (benchmarks), not both")
 
 
 def test_truncated_and_foreign_checkpoints_are_named(capsys, tiny_corpus, tiny_checkpoints, tmp_path):
@@ -99,7 +99,8 @@ def test_a_real_command_line_prints_no_traceback(tiny_corpus, tiny_checkpoints, 
 
 def project_imports():
     """{module: set of project modules it imports anywhere in its file (functions included)}."""
-    files = glob.glob(os.path.join(ROOT, "*.py")) + glob.glob(os.path.join(ROOT, "data", "*.py"))
+    files = [f for folder in ("", "data", "experiments") for f in glob.glob(os.path.join(ROOT, folder, "*.py"))
+             if not f.endswith("__init__.py")]
     modules = {os.path.relpath(f, ROOT)[:-3].replace(os.sep, "."): f for f in files}
     graph = {}
     for module, path in modules.items():
@@ -133,3 +134,12 @@ def test_import_graph_has_no_cycle():
     assert "checkpoint" not in graph["hf"] and "hf" in graph["checkpoint"]
     assert not graph["model"] & {"checkpoint", "hf", "prune", "eval", "train"}
     assert not graph["prune"] & {"eval", "train"} and "train" not in graph["eval"]
+
+
+def test_nothing_outside_experiments_imports_them():
+    """The top level is the method and its tools; experiments/ uses them, never the other way round."""
+    graph = project_imports()
+    experiments = {module for module in graph if module.startswith("experiments.")}
+    assert experiments >= {"experiments.sweep", "experiments.paper", "experiments.analyze", "experiments.report"}
+    leaks = {module: graph[module] & experiments for module in graph if module not in experiments}
+    assert not any(leaks.values()), leaks

@@ -1,5 +1,5 @@
-"""Hugging Face interop: export/load round trips, a checkpoint written by hand in the release's format
-against an independent reference forward, and clear errors on malformed checkpoints.
+"""Hugging Face checkpoints: a folder written by hand in the release's format against an independent reference
+forward, the release's training settings, and clear errors on malformed checkpoints (exports: test_export.py).
 
     python -m pytest tests/test_hf.py -q
 """
@@ -11,13 +11,12 @@ import os
 
 import pytest
 import torch
-import tiktoken
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 import prune
 from checkpoint import load_model
 from errors import UserError
-from hf import export_hf, load_hf, pad_id
+from hf import export_hf, load_hf
 from model import EMO, ModelConfig
 
 V, C, L, NH, E, K, H = 50, 16, 2, 2, 6, 3, 8  # vocab, width, layers, heads, experts (1 shared), top-k, hidden
@@ -139,58 +138,6 @@ def tiny_model():
     cfg = ModelConfig(vocab_size=V, eos_id=49, seq_len=16, n_layer=3, n_head=NH, d_model=C, n_experts=8,
                       n_shared=1, top_k=3, expert_hidden=H, rope_theta=500000.0)
     return EMO(cfg).eval()
-
-
-@pytest.mark.parametrize("layers_per_shard", [4, 1])  # one file, and shards with an index
-def test_export_then_load_gives_identical_logits(tmp_path, layers_per_shard):
-    model = tiny_model()
-    idx = torch.randint(0, V, (2, 12))
-    export_hf(model, str(tmp_path / "full"), layers_per_shard=layers_per_shard)
-    assert (tmp_path / "full" / "model.safetensors.index.json").exists() == (layers_per_shard == 1)
-    loaded = load_hf(str(tmp_path / "full"))
-    assert loaded.cfg == model.cfg
-    assert torch.equal(loaded(idx), model(idx))
-
-
-@pytest.mark.parametrize("method", ["greedy", "global_budget"])
-def test_export_then_load_a_pruned_model(tmp_path, method):
-    """Layer-wise methods keep the same count everywhere; global_budget may keep different counts per
-    layer (num_experts_per_layer), which load back into the same model."""
-    model = tiny_model()
-    batches = [(torch.randint(0, V, (1, 12)), torch.ones(1, 12, dtype=torch.bool)) for _ in range(3)]
-    prune.prune(model, batches, 3, method)  # 2 routed + the shared expert per layer (on average for global)
-    export_hf(model, str(tmp_path / "pruned"))
-    config = json.loads((tmp_path / "pruned" / "config.json").read_text())
-    sizes = [block.moe.w_up_gate.shape[0] for block in model.layers]
-    assert config["num_experts_per_layer"] == sizes and sum(sizes) == 3 * 3
-    assert config["num_experts_per_tok"] == min(3, max(sizes))
-    loaded = load_hf(str(tmp_path / "pruned"))
-    assert loaded.cfg == model.cfg
-    idx = torch.randint(0, V, (2, 12))
-    assert torch.equal(loaded(idx), model(idx))
-
-
-def test_a_pruned_export_computes_as_the_release_code_would(tmp_path):
-    """A pruned export read as plain tensors and config.json, run by the reference forward (the release's
-    semantics: its one num_experts_per_tok), gives the pruned model's logits; config.json carries the
-    release's auto_map and names and the pad id of a tokenizer that has one."""
-    model = tiny_model()
-    batches = [(torch.randint(0, V, (1, 12)), torch.ones(1, 12, dtype=torch.bool)) for _ in range(3)]
-    prune.prune(model, batches, 4, "greedy")  # 3 routed + the shared expert in every layer
-    export_hf(model, str(tmp_path / "pruned"))
-    config = json.loads((tmp_path / "pruned" / "config.json").read_text())
-    assert config["auto_map"] == {"AutoConfig": "configuration_emo.EmoConfig",
-                                  "AutoModelForCausalLM": "modeling_emo.EmoForCausalLM"}
-    assert config["architectures"] == ["EmoForCausalLM"] and config["model_type"] == "emo"
-    assert config["num_experts"] == 4 and config["pad_token_id"] is None  # no tokenizer given
-    tensors = load_file(str(tmp_path / "pruned" / "model.safetensors"))
-    idx = torch.randint(0, 49, (10,))  # one document (49 is EOS)
-    reference = reference_forward(tensors, idx, top_k=config["num_experts_per_tok"])
-    torch.testing.assert_close(model(idx[None])[0], reference, rtol=1e-4, atol=1e-4)
-    padded = tiktoken.Encoding("tiny", pat_str=r"\S+|\s+", mergeable_ranks={bytes([b]): b for b in range(256)},
-                               special_tokens={"<|endoftext|>": 256, "<|pad|>": 257})
-    assert pad_id(padded) == 257 and pad_id(tiktoken.Encoding("plain", pat_str=r"\S+", mergeable_ranks={
-        bytes([b]): b for b in range(256)}, special_tokens={})) is None
 
 
 def test_release_folders_get_the_release_training_settings(tmp_path):

@@ -1,4 +1,4 @@
-"""The chunked LM loss (lm_loss.py) against the plain computation: loss, cross-entropy, z-loss, accuracy and the
+"""The chunked LM loss (lm_loss.py) against the plain computation: loss, cross-entropy, z-loss, correct count and the
 gradients of the hidden states and of the head, over many chunks, with ignored targets, in float32 and under
 bfloat16 autocast, and without gradients.
 
@@ -26,10 +26,10 @@ def test_chunked_loss_and_gradients_equal_the_plain_computation(z_weight):
     results = []
     for fn in (lambda *args: lm_loss(*args, rows=128), lm_loss_reference):  # 700 tokens: 6 chunks
         x.grad = weight.grad = None
-        loss, ce, z, accuracy = fn(x, weight, targets, z_weight)
+        loss, ce, z, correct = fn(x, weight, targets, z_weight)
         (3.0 * loss).backward()  # a non-unit incoming gradient
-        results.append((loss.detach(), ce, z, accuracy, x.grad.clone(), weight.grad.clone()))
-    for name, a, b in zip(("loss", "ce", "z", "accuracy", "grad x", "grad head"), *results):
+        results.append((loss.detach(), ce, z, correct, x.grad.clone(), weight.grad.clone()))
+    for name, a, b in zip(("loss", "ce", "z", "correct", "grad x", "grad head"), *results):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=lambda m: f"{name}: {m}")
     assert (results[0][4][targets == -1] == 0).all()  # an ignored token gets no gradient
 
@@ -48,11 +48,11 @@ def test_under_bfloat16_autocast():
 def test_without_gradients_only_the_loss_is_computed():
     x, weight, targets = problem(seed=2)
     with torch.no_grad():
-        loss, ce, z, accuracy = lm_loss(x, weight, targets, 1e-2)
+        loss, ce, z, correct = lm_loss(x, weight, targets, 1e-2)
     reference = lm_loss_reference(x, weight, targets, 1e-2)
-    torch.testing.assert_close(torch.stack([loss, ce, z, accuracy]), torch.stack(reference).detach(), rtol=1e-5,
+    torch.testing.assert_close(torch.stack([loss, ce, z, correct]), torch.stack(reference).detach(), rtol=1e-5,
                                atol=1e-6)
-    assert 0 < accuracy < 1
+    assert 0 < correct < (targets != -1).sum() and correct == correct.round()
     assert not loss.requires_grad
 
 

@@ -218,7 +218,7 @@ def test_importing_the_model_does_not_import_triton():
     import os
     import subprocess
     import sys
-    code = "import sys, model, train, prune, sweep; print('triton' in sys.modules)"
+    code = "import sys, model, train, prune, experiments.sweep; print('triton' in sys.modules)"
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=root)
     assert out.stdout.strip() == "False"

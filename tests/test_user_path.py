@@ -14,12 +14,12 @@ import torch
 import eval as evaluation
 import prune
 import sample
-import sweep
 from checkpoint import load_model, model_name
 from data.tokenizer import from_record, load_tokenizer
 from data.tokenizer_json import read_tokenizer_json, tokenizer_json
 from data.user import example_batches, read_examples, tokenize_examples
 from errors import UserError, run_command
+from experiments import sweep
 from tests.test_cli import one_line_error
 
 RECIPE_WORDS = ["flour", "butter", "sugar", "whisk", "oven", "bake", "minutes", "stir", "salt", "eggs", "until",

@@ -11,7 +11,7 @@ document, or the token itself? Two measures, on each domain's held-out text, rou
     tokens. Routing that follows the domain gives clusters of one domain (low domain entropy) that a token type
     is spread over (high token entropy); routing that follows the token gives the opposite.
 
-    python analyze.py --ckpt out/emo_tiny,out/std_tiny --out out/analysis
+    python -m experiments.analyze --ckpt out/emo_tiny,out/std_tiny --out out/analysis
 """
 
 import argparse
@@ -25,10 +25,10 @@ import torch
 from checkpoint import checkpoint_paths, load_model, model_name
 from data.corpus import Corpus
 from data.tokenizer import from_record
+from data.user import document_batches
 from errors import run_command
+from experiments.report import pyplot
 from prune import moe_calls
-from report import pyplot
-from sweep import text_batches
 
 
 @torch.no_grad()
@@ -111,7 +111,7 @@ def specialization(model, corpus, n_tokens, k):
     probs, domain_of, tokens = [], [], []
     for d, domain in enumerate(corpus.domains):
         text = corpus.domain_tokens("val", domain)[:n_tokens]
-        probs.append(router_probabilities(model, text_batches(text, model.cfg.seq_len)))
+        probs.append(router_probabilities(model, document_batches(text, model.cfg.seq_len)))
         domain_of.append(torch.full((len(text),), d))
         tokens.append(torch.from_numpy(np.asarray(text, dtype=np.int64)))
     usage = torch.stack([p.mean(0) for p in probs])  # (D, L, Er)

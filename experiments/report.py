@@ -1,16 +1,18 @@
 """
-Tables and plots of results already computed: the retention report of sweep.py (the table as markdown, CSV
-and JSON, quality against the fraction of experts kept, EMO against the standard MoE, the expert-usage
-heatmap), one report from sweeps run side by side, the spread of a sweep repeated with other seeds, and the
-training curves of runs.
+Every table and plot of the experiments, from results already computed: the retention report of
+experiments/sweep.py (the table as markdown, CSV and JSON, quality against the fraction of experts kept, EMO
+against the standard MoE, the expert-usage heatmap), one report from sweeps run side by side, the spread of a
+sweep repeated with other seeds, the training curves of runs, and the tables of experiments/paper.py.
 
     write_sweep(rows, usage, domains, "out/sweep_tiny")     # table.md, results.csv/json, retention_*.png, ...
-    python report.py --combine out/sweeps/emo_tiny,out/sweeps/std_tiny --out out/sweep_tiny   # one per core
-    python report.py --seeds out/sweep_tiny,out/sweep_tiny_seed2 --out out/seeds.md     # mean and spread
-    python report.py --curves out/emo_tiny,out/std_tiny --out out/sweep_tiny            # training curves
+    python -m experiments.report --combine out/sweeps/emo_tiny,out/sweeps/std_tiny --out out/sweep_tiny
+    python -m experiments.report --seeds out/sweep_tiny,out/sweep_tiny_seed2 --out out/seeds.md   # mean, spread
+    python -m experiments.report --curves out/emo_tiny,out/std_tiny --out out/sweep_tiny          # training curves
+    python -m experiments.report --paper out/paper/emo_tiny,out/paper/std_tiny,out/paper/baselines \
+        --out results/tiny_cpu/paper                                                              # paper.py's tables
 
-A row is one (model, domain, fraction kept): loss, next-token accuracy, task accuracy (tasks.py) and their
-changes from the full model.
+A sweep's row is one (model, domain, fraction kept): loss, next-token accuracy, task accuracy (tasks.py) and
+their changes from the full model; a paper row says which experiment made it and what it varied.
 """
 
 import argparse
@@ -26,20 +28,21 @@ from errors import UserError, run_command
 METRICS = {"loss": "loss", "accuracy": "next-token accuracy", "task_accuracy": "task accuracy"}
 
 
+def mean(values):
+    """The mean of values, NaN (a domain without task items) left out; NaN when nothing is left."""
+    values = [v for v in values if not math.isnan(v)]
+    return sum(values) / len(values) if values else float("nan")
+
+
 def averages(rows):
-    """Rows averaged over domains: {(model, fraction): {metric and its change: mean, "keep": experts kept}}.
-    Task accuracy averages over the domains that have task items."""
+    """Sweep rows averaged over domains: {(model, fraction): {metric and its change: mean, "keep": experts
+    kept}}."""
     groups = {}
     for r in rows:
         groups.setdefault((r["model"], r["fraction"]), []).append(r)
     keys = ("loss", "accuracy", "task_accuracy", "d_loss", "d_loss_rel", "d_accuracy", "d_task_accuracy")
-    out = {}
-    for k, group in groups.items():
-        out[k] = {"keep": group[0]["keep"]}
-        for key in keys:
-            values = [r[key] for r in group if not math.isnan(r[key])]
-            out[k][key] = sum(values) / len(values) if values else float("nan")
-    return out
+    return {k: {"keep": group[0]["keep"], **{key: mean([r[key] for r in group]) for key in keys}}
+            for k, group in groups.items()}
 
 
 def percent(value, points=False):
@@ -231,15 +234,159 @@ def spread_table(sweeps):
     return stats, "\n".join(lines)
 
 
+# ---------------------------------------------------------------------------------------------------------
+# experiments/paper.py's tables: domain averages of its rows.
+
+def average(rows, metric, **where):
+    """The mean of metric over the rows that match every key = value of where."""
+    return mean([r[metric] for r in rows if all(r.get(k) == v for k, v in where.items())])
+
+
+def fractions_of(rows, experiment):
+    """The fractions kept below 100% in an experiment's rows, largest first."""
+    return sorted({r["fraction"] for r in rows if r["experiment"] == experiment and r["fraction"] < 1}, reverse=True)
+
+
+def values_of(rows, experiment, key):
+    """The values key takes in an experiment's rows, in the order they first appear."""
+    return list(dict.fromkeys(r[key] for r in rows if r["experiment"] == experiment))
+
+
+def cell(rows, **where):
+    """'loss (task accuracy)' averaged over domains."""
+    return f"{average(rows, 'loss', **where):.3f} ({average(rows, 'task_accuracy', **where):.1%})"
+
+
+def pruned_table(rows, models, baselines):
+    n_experts = next(r for r in rows if r["experiment"] == "pruned")["model_experts"]
+    head = ["experts kept"] + [f"{m} pruned, {v}" for m in models for v in ("inf", "ft")] + ["standard MoE trained "
+                                                                                            "with that many", "dense"]
+    lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
+    full = [cell(rows, experiment="pruned", model=m, variant="full") for m in models for _ in range(2)]
+    lines.append(f"| {n_experts} (100%) | " + " | ".join(full) + " | | |")
+    dense = next((b for b in baselines if b.startswith("dense")), None)
+    for fraction in fractions_of(rows, "pruned"):
+        keep = round(fraction * n_experts)
+        trained = next((b for b in baselines if f"_e{keep}" in b), None)
+        cells = [cell(rows, experiment="pruned", model=m, fraction=fraction, variant=v) for m in models
+                 for v in ("inf", "ft")]
+        cells += [cell(rows, experiment="baseline", model=b) if b else "-" for b in (trained, dense)]
+        lines.append(f"| {keep} ({fraction:.1%}) | " + " | ".join(cells) + " |")
+    return lines
+
+
+def method_table(rows, models):
+    lines = ["| method | experts kept | " + " | ".join(models) + " |", "|---|---" + "|---" * len(models) + "|"]
+    for method in values_of(rows, "methods", "method"):
+        for fraction in fractions_of(rows, "methods"):
+            lines.append(f"| {method} | {fraction:.1%} | " + " | ".join(
+                cell(rows, experiment="methods", model=m, method=method, fraction=fraction) for m in models) + " |")
+    return lines
+
+
+def calibration_table(rows, models):
+    """Per calibration size: the loss's mean ± half the range over the calibration seeds, the task accuracy, and
+    the kept sets' overlap with those of every example ('all', the largest size)."""
+    sizes, seeds = sorted(values_of(rows, "calibration", "examples")), sorted(values_of(rows, "calibration", "seed"))
+    lines = ["| calibration examples | " + " | ".join(f"{m} loss (task acc.) | {m} overlap with all" for m in models)
+             + " |", "|---" * (1 + 2 * len(models)) + "|"]
+    for size in sizes:
+        cells = []
+        for m in models:
+            per_seed = [average(rows, "loss", experiment="calibration", model=m, examples=size, seed=s) for s in seeds]
+            per_seed = [v for v in per_seed if not math.isnan(v)]
+            spread = (max(per_seed) - min(per_seed)) / 2
+            task = average(rows, "task_accuracy", experiment="calibration", model=m, examples=size)
+            overlap = average(rows, "overlap_with_all", experiment="calibration", model=m, examples=size)
+            cells += [f"{mean(per_seed):.3f} ± {spread:.3f} ({task:.1%})", f"{overlap:.2f}"]
+        lines.append(f"| {size if size < sizes[-1] else f'all ({size})'} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def composition_table(rows, models):
+    lines = ["| subset | composed | experts per layer | evaluated on | " + " | ".join(
+        f"{m} loss change" for m in models) + " |", "|---" * (4 + len(models)) + "|"]
+    subsets = dict.fromkeys((r["subset"], r["domain"]) for r in rows if r["experiment"] == "composition")
+    for subset in dict.fromkeys(s for s, _ in subsets):
+        first, second = subset.split("+")
+        third = next(d for s, d in subsets if s == subset and d not in (first, second))
+        for compose in ("union", "mean"):
+            for target in (first, second, third):
+                where = dict(experiment="composition", subset=f"{first}+{second}", compose=compose, domain=target)
+                experts = average(rows, "experts", model=models[0], **where)
+                changes = [average(rows, "loss", model=m, **where)
+                           - average(rows, "loss", experiment="pruned", model=m, domain=target, variant="full")
+                           for m in models]
+                lines.append(f"| {first}+{second} | {compose} | {experts:.1f} | {target} | "
+                             + " | ".join(f"{c:+.3f}" for c in changes) + " |")
+    return lines
+
+
+def cross_table(rows, model, domains):
+    """Loss change from the full model, subset (row) evaluated on domain (column); and the two means."""
+    change = {(r["subset"], r["domain"]): r["loss"] - average(rows, "loss", experiment="pruned", model=model,
+                                                               domain=r["domain"], variant="full")
+              for r in rows if r["experiment"] == "cross" and r["model"] == model}
+    lines = [f"{model}:", "", "| subset \\ evaluated on | " + " | ".join(domains) + " |",
+             "|---" * (1 + len(domains)) + "|"]
+    lines += [f"| {s} | " + " | ".join(f"{change[(s, d)]:+.3f}" for d in domains) + " |" for s in domains]
+    diagonal = mean([change[(d, d)] for d in domains])
+    off = mean([change[(s, d)] for s in domains for d in domains if s != d])
+    return lines + ["", f"{model}: mean loss change on its own domain {diagonal:+.3f}, on the others {off:+.3f}."]
+
+
+def write_paper(rows, out):
+    """paper.py's tables into out/tables.md and its rows into out/rows.json; returns the tables."""
+    models = values_of(rows, "pruned", "model")
+    baselines = values_of(rows, "baseline", "model")
+    domains = values_of(rows, "pruned", "domain")
+    smallest = fractions_of(rows, "pruned")[-1]
+    n_seeds = len(values_of(rows, "calibration", "seed"))
+    sections = [
+        ("Pruned as is (inf) and fine-tuned (ft), against models trained with that many experts (average over "
+         "domains: loss (task accuracy))", pruned_table(rows, models, baselines)),
+        ("Selection methods (average over domains: loss (task accuracy))", method_table(rows, models)),
+        (f"Calibration size ({smallest:.1%}; mean ± half the range over {n_seeds} calibration seeds)",
+         calibration_table(rows, models)),
+        (f"Composition ({smallest:.1%} per domain; loss change from the full model)", composition_table(rows, models)),
+        (f"Each domain's {smallest:.1%} subset on every domain (loss change from the full model)",
+         [line for m in models for line in cross_table(rows, m, domains) + [""]]),
+    ]
+    text = "".join(f"## {title}\n\n" + "\n".join(lines) + "\n\n" for title, lines in sections)
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "tables.md"), "w") as f:
+        f.write(text)
+    with open(os.path.join(out, "rows.json"), "w") as f:
+        json.dump(rows, f, indent=1)
+    return text
+
+
+def read_rows(folders):
+    """The rows of paper.py runs: each folder's rows.json, in order."""
+    rows = []
+    for folder in folders:
+        path = os.path.join(folder, "rows.json")
+        if not os.path.exists(path):
+            raise UserError(f"no rows at {path}: run `python -m experiments.paper run` first")
+        with open(path) as f:
+            rows += json.load(f)
+    return rows
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--combine", default="", help="sweep folders of different models, comma-separated")
     parser.add_argument("--seeds", default="", help="sweep folders of the same experiment, comma-separated")
     parser.add_argument("--curves", default="", help="training run folders (history.json), comma-separated")
-    parser.add_argument("--out", required=True, help="--combine, --curves: a folder; --seeds: the table's file")
+    parser.add_argument("--paper", default="", help="folders of paper.py's rows, comma-separated")
+    parser.add_argument("--out", required=True, help="--combine, --curves, --paper: a folder; --seeds: the table's "
+                        "file")
     args = parser.parse_args(argv)
-    if sum(map(bool, (args.combine, args.seeds, args.curves))) != 1:
-        raise UserError("give one of --combine, --seeds and --curves")
+    if sum(map(bool, (args.combine, args.seeds, args.curves, args.paper))) != 1:
+        raise UserError("give one of --combine, --seeds, --curves and --paper")
+    if args.paper:
+        print(write_paper(read_rows(args.paper.split(",")), args.out))
+        return
     if args.combine:
         print(combine(args.combine.split(","), args.out))
         return

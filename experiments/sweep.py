@@ -4,9 +4,9 @@ experts kept (prune.py), evaluate each pruned model on that domain's held-out te
 next-token accuracy) and task (tasks.py: task accuracy), and write the retention table and plots
 (report.py), EMO against the standard MoE.
 
-    python sweep.py --ckpt out/emo_tiny,out/std_tiny --keep 1.0,0.5,0.25,0.125 --out out/sweep_tiny
-    python sweep.py --ckpt out/emo_tiny,out/std_tiny --calib notes=my_calib/ --data notes=my_eval/
-    python sweep.py --ckpt out/emo_tiny --out out/sweeps/emo_tiny      # one model; report.py --combine joins
+    python -m experiments.sweep --ckpt out/emo_tiny,out/std_tiny --keep 1.0,0.5,0.25,0.125 --out out/sweep_tiny
+    python -m experiments.sweep --ckpt out/emo_tiny,out/std_tiny --calib notes=my_calib/ --data notes=my_eval/
+    python -m experiments.sweep --ckpt out/emo_tiny --out out/sweeps/emo_tiny   # one model; report --combine joins
 
 A built-in domain is pruned with task demonstrations from its calibration documents and evaluated on its
 validation documents (16,384 tokens) and on task items made from them; a user domain (--calib NAME=PATH with
@@ -23,14 +23,15 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from calibration import corpus_calibration
 from checkpoint import checkpoint_paths, checkpoint_tokenizer, load_model, model_name
 from data.corpus import Corpus
-from data.user import calibration_batches, evaluation_text, example_batches, named_paths
+from data.user import document_batches, evaluation_text, named_paths, user_batches
 from errors import UserError, run_command
 from eval import evaluate_text
+from experiments.report import write_sweep
 from prune import METHODS, expert_scores, keep_count, prune
-from report import write_sweep
-from tasks import demonstrations, task_accuracy, task_items
+from tasks import task_accuracy, task_items
 
 
 @dataclass
@@ -45,8 +46,8 @@ class Domain:
 
 def corpus_domains(corpus, calib_docs, max_tokens):
     """The built-in corpus's domains: task demonstrations to calibrate, validation documents to evaluate."""
-    return [Domain(d, [demonstrations(corpus.documents("calib", d), calib_docs)],
-                   corpus.domain_tokens("val", d)[:max_tokens + 1], items=task_items(corpus.documents("val", d)))
+    return [Domain(d, corpus_calibration(corpus, d, calib_docs), corpus.domain_tokens("val", d)[:max_tokens + 1],
+                   items=task_items(corpus.documents("val", d)))
             for d in corpus.domains]
 
 
@@ -59,23 +60,16 @@ def user_domains(calib_spec, data_spec, encoding, cfg, calib_docs, max_tokens):
     domains = []
     for name in data:
         tokens, scored, documents = evaluation_text(data[name], encoding, cfg)
-        domains.append(Domain(name, calibration_batches(calib[name], encoding, cfg, calib_docs),
+        domains.append(Domain(name, user_batches(calib[name], encoding, cfg, calib_docs),
                               tokens[:max_tokens + 1], scored[:max_tokens + 1], task_items(documents)))
     return domains
-
-
-def text_batches(tokens, seq_len):
-    """Text (n,) cut into windows of seq_len (the last shorter), 16 windows a batch, every token scored:
-    [(idx (b, T), scored (b, T))] (data/user.example_batches of one document)."""
-    tokens = np.asarray(tokens, dtype=np.int64)
-    return example_batches([(tokens, np.ones(len(tokens), dtype=bool))], seq_len, n=len(tokens))
 
 
 @torch.no_grad()
 def expert_usage(model, domains):
     """Mean router probability of each routed expert on each domain's evaluation tokens (full model, token
     routing): (n_domains, n_layer, Er). Domain-specific rows are EMO's semantic specialisation."""
-    return torch.stack([torch.stack(expert_scores(model, text_batches(d.tokens, model.cfg.seq_len), "global"))
+    return torch.stack([torch.stack(expert_scores(model, document_batches(d.tokens, model.cfg.seq_len), "global"))
                         for d in domains])
 
 
@@ -144,7 +138,7 @@ def main(argv=None):
     if any((m.cfg.vocab_size, m.cfg.eos_id) != (first.cfg.vocab_size, first.cfg.eos_id) for m in models.values()):
         raise UserError("the models of a sweep must share a vocabulary and EOS: they are evaluated on the same tokens")
     if args.data:  # the models of a sweep share the first one's tokenizer
-        encoding = checkpoint_tokenizer(first_ckpt, args.tokenizer, paths[0])
+        encoding = checkpoint_tokenizer(first_ckpt.get("tokenizer"), args.tokenizer, paths[0])
         domains = user_domains(args.calib, args.data, encoding, first.cfg, args.calib_docs, args.max_tokens)
     else:
         corpus = Corpus(args.data_dir)
