@@ -13,6 +13,7 @@ Written atomically (files.py): a write killed half-way leaves the previous check
 
 import argparse
 import dataclasses
+import json
 import os
 import pickle
 
@@ -21,8 +22,8 @@ import torch.distributed as dist
 
 from data.tokenizer import from_record, load_tokenizer, tokenizer_record
 from errors import UserError, run_command
-from files import atomic_write
-from hf import DTYPES, export_hf, load_hf, resolve_folder
+from files import atomic_write, check_target
+from hf import DTYPES, export_hf, load_hf, read_pruning, resolve_folder
 from model import EMO, ModelConfig
 
 CHECKPOINT_NAME = "ckpt.pt"
@@ -38,6 +39,15 @@ def checkpoint_path(path):
     if not os.path.exists(file):
         raise UserError(f"checkpoint not found: {file}")
     return file
+
+
+def model_config(ckpt, path):
+    """The ModelConfig a checkpoint records; a key this version does not know is a one-line error."""
+    try:
+        return ModelConfig(**ckpt["model_config"])
+    except TypeError as error:  # an unexpected keyword: written by another version of nanoEMO
+        raise UserError(f"{path}: its model config does not fit this nanoEMO ({error}); was it written by another "
+                        "version?") from None
 
 
 def load_checkpoint(path, map_location="cpu"):
@@ -95,9 +105,10 @@ def load_model(path, device="cpu"):
         model = load_hf(folder, device, name=path)
         tokenizer_file = os.path.join(folder, "tokenizer.json")
         tokenizer = tokenizer_record(tokenizer_file) if os.path.exists(tokenizer_file) else None
-        return model, {"model_config": dataclasses.asdict(model.cfg), "step": None, "tokenizer": tokenizer}
+        return model, {"model_config": dataclasses.asdict(model.cfg), "step": None, "tokenizer": tokenizer,
+                       "pruning": read_pruning(folder)}
     ckpt = load_checkpoint(path)
-    cfg = ModelConfig(**ckpt["model_config"])
+    cfg = model_config(ckpt, path)
     with torch.device("meta"):
         model = EMO(cfg)
     model.to_empty(device=device)
@@ -155,15 +166,46 @@ def all_ranks_rng_states(device, world):
     return states
 
 
+def save_run(run):
+    """A training run's (train.Run) ckpt.pt, atomic, with everything a resume needs, and its history.json; the
+    state is gathered on every rank, written by rank 0. A model with a non-finite weight is never written."""
+    model_state, optim_state = full_state(run.raw, run.optimizer)
+    rngs = all_ranks_rng_states(run.device, run.world)
+    bad = [name for name, value in model_state.items() if not torch.isfinite(value).all()]
+    if bad:
+        raise UserError(f"step {run.step}: {len(bad)} weights are not finite ({bad[0]}...): not saved, the last "
+                        "checkpoint kept; resume it with a lower lr")
+    if run.rank == 0:
+        save_checkpoint(os.path.join(run.cfg.out_dir, CHECKPOINT_NAME), {
+            "model_config": dataclasses.asdict(run.model_cfg), "model": model_state, "optimizer": optim_state,
+            "train_config": dataclasses.asdict(run.cfg), "step": run.step, "world": run.world,
+            "data": run.windows.state_dict(), "rng": rngs, "history": run.history, "tokenizer": run.tokenizer})
+        atomic_write(os.path.join(run.cfg.out_dir, "history.json"), lambda f: json.dump(run.history, f), "w")
+
+
+def resume_run(run, ckpt):
+    """Continue a training run from its checkpoint exactly: weights, optimizer, step, history, data position and
+    this rank's RNG state."""
+    if ckpt.get("world", 1) != run.world:
+        raise UserError(f"checkpoint written by {ckpt.get('world')} ranks, resuming with {run.world}: "
+                        "RNG streams would differ; resume with the same number of ranks")
+    load_full_state(run.raw, run.optimizer, ckpt["model"], ckpt["optimizer"])
+    run.step, run.history = ckpt["step"], ckpt["history"]
+    run.windows.load_state_dict(ckpt["data"])
+    set_rng_state(ckpt["rng"][run.rank], run.device)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description="Export a nanoEMO checkpoint in the release's Hugging Face format")
     parser.add_argument("--ckpt", required=True, help="nanoEMO checkpoint (file or run directory)")
     parser.add_argument("--hf_out", required=True, help="folder to write config.json and safetensors into")
     parser.add_argument("--dtype", default="bfloat16", choices=list(DTYPES))
+    parser.add_argument("--replace", action="store_true", help="replace --hf_out if it holds anything")
     args = parser.parse_args(argv)
+    check_target(args.hf_out, args.replace)
     model, ckpt = load_model(args.ckpt)
     export_hf(model, args.hf_out, DTYPES[args.dtype], tokenizer=from_record(ckpt.get("tokenizer")),
-              pruning=ckpt.get("pruning"))
+              pruning=ckpt.get("pruning"), replace=args.replace)
     print(f"wrote {args.hf_out}: {model.cfg.n_experts} experts x {model.cfg.n_layer} layers, {args.dtype}")
 
 

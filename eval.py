@@ -143,6 +143,8 @@ def main(argv=None):
         raise UserError("give --data (text to score) or --benchmark (benchmarks), not both")
     if args.limit < 0:
         raise UserError(f"--limit {args.limit}: give a number of questions, or 0 for all")
+    if args.max_tokens < 1 or args.batch_size < 1:
+        raise UserError(f"--max_tokens {args.max_tokens} and --batch_size {args.batch_size} must be at least 1")
     device = torch.device(args.device)
     benchmarks = parse_benchmarks(args.benchmark) if args.benchmark else []
     corpus = None if args.data or benchmarks else Corpus(args.data_dir)

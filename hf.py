@@ -25,6 +25,7 @@ from safetensors.torch import save_file
 
 from data.tokenizer_json import write_tokenizer_json
 from errors import UserError
+from files import atomic_folder
 from model import EMO, ModelConfig
 
 MODEL_TYPE = "emo"
@@ -81,6 +82,9 @@ def config_from_hf(hf, folder_name=""):
         (hf.get("tie_word_embeddings"), "tie_word_embeddings=true (embedding and LM head are untied)"),
         (hf.get("num_key_value_heads", heads) != heads, "num_key_value_heads != num_attention_heads (no GQA)"),
         (len(per_layer) != n_layer, f"num_experts_per_layer has {len(per_layer)} entries for {n_layer} layers"),
+        (hf["num_experts"] not in (min(per_layer), max(per_layer)),
+         f"num_experts {hf['num_experts']} contradicts num_experts_per_layer {per_layer} (the release writes the "
+         "smallest count, nanoEMO the largest)"),
         (set(shared_per_layer) != {n_shared}, f"num_shared_experts_per_layer {shared_per_layer} differ from "
                                               f"num_shared_experts {n_shared}"))
         if bad]
@@ -123,6 +127,16 @@ def hf_config(cfg, dtype, pad_token_id=None):
             "nanoemo": {key: getattr(cfg, key) for key in TRAINING_KEYS}}
 
 
+def read_json(path):
+    """A JSON file of a checkpoint folder; an empty or malformed one is a one-line error."""
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except json.JSONDecodeError as error:
+        raise UserError(f"{path} is not valid JSON ({error.msg} at line {error.lineno}): a damaged or incomplete "
+                        "file?") from None
+
+
 def resolve_folder(path):
     """A local checkpoint folder, or a hub id downloaded with huggingface_hub (needs a network)."""
     if os.path.isdir(path):
@@ -135,14 +149,23 @@ def resolve_folder(path):
     return snapshot_download(path, allow_patterns=["*.json", "*.safetensors"])
 
 
+def open_tensors(path):
+    """A safetensors file, memory-mapped; a truncated or foreign file is a one-line error."""
+    try:
+        return safe_open(path, framework="pt")
+    except Exception as error:  # safetensors raises its own SafetensorError (and OSError for an empty file)
+        raise UserError(f"{path} is not a readable safetensors file ({error}): a truncated download?") from None
+
+
 class TensorFiles:
     """Memory-mapped access by name to the tensors of one or several safetensors files."""
 
     def __init__(self, folder):
         index = os.path.join(folder, "model.safetensors.index.json")
         if os.path.exists(index):
-            with open(index) as f:
-                weight_map = json.load(f)["weight_map"]
+            weight_map = read_json(index).get("weight_map")
+            if not isinstance(weight_map, dict):
+                raise UserError(f"{index} has no weight_map")
         elif os.path.exists(os.path.join(folder, "model.safetensors")):
             weight_map = None
         else:
@@ -153,14 +176,17 @@ class TensorFiles:
             verb = "is" if len(missing) == 1 else "are"
             raise UserError(f"{folder}: the index names {', '.join(missing)}, which {verb} not there (an incomplete "
                             "download?)")
-        self.handles = {f: safe_open(os.path.join(folder, f), framework="pt") for f in files}
+        self.handles = {f: open_tensors(os.path.join(folder, f)) for f in files}
         self.where = weight_map or {k: "model.safetensors" for k in self.handles["model.safetensors"].keys()}
 
     def get(self, name, shape):
         """The tensor called name, checked against the expected shape."""
         if name not in self.where:
             raise UserError(f"checkpoint has no tensor {name!r}")
-        tensor = self.handles[self.where[name]].get_tensor(name)
+        try:
+            tensor = self.handles[self.where[name]].get_tensor(name)
+        except Exception as error:  # safetensors' own error type: a file shorter than its header says
+            raise UserError(f"{self.where[name]}: cannot read {name} ({error}): a truncated file?") from None
         if tuple(tensor.shape) != tuple(shape):
             raise UserError(f"tensor {name!r} has shape {tuple(tensor.shape)}, expected {tuple(shape)}")
         return tensor
@@ -173,8 +199,7 @@ def load_hf(path, device="cpu", dtype=None, name=None):
     Parameters are allocated once and filled tensor by tensor from memory-mapped files, so loading never
     holds two copies of the model."""
     folder = resolve_folder(path)
-    with open(os.path.join(folder, "config.json")) as f:
-        hf = json.load(f)
+    hf = read_json(os.path.join(folder, "config.json"))
     cfg = config_from_hf(hf, os.path.basename(os.path.normpath(name or path)))
     dtype = dtype or DTYPES.get(hf.get("torch_dtype"), torch.float32)
     with torch.device("meta"):
@@ -225,21 +250,36 @@ def hf_tensors(model, dtype, layers):
 
 
 @torch.no_grad()
-def export_hf(model, folder, dtype=None, layers_per_shard=4, tokenizer=None, pruning=None):
+def export_hf(model, folder, dtype=None, layers_per_shard=4, tokenizer=None, pruning=None, replace=False):
     """Write model as config.json + safetensors in the release's format; sharded with an index beyond
     layers_per_shard layers, so that no more than a few layers are copied in memory at a time. With a
-    tiktoken encoding, also tokenizer.json; with prune.py's record, pruning.json (write_metadata)."""
+    tiktoken encoding, also tokenizer.json; with prune.py's record, pruning.json (write_metadata). The folder
+    is written whole beside its place and renamed into it when complete (files.atomic_folder): a folder that
+    holds anything is refused unless replace."""
     dtype = dtype or next(model.parameters()).dtype
-    os.makedirs(folder, exist_ok=True)
     n_layer = model.cfg.n_layer
     groups = [list(range(s, min(s + layers_per_shard, n_layer))) for s in range(0, n_layer, layers_per_shard)]
     weight_map = {}
-    for g, layers in enumerate(groups):
-        name = "model.safetensors" if len(groups) == 1 else f"model-{g + 1:05d}-of-{len(groups):05d}.safetensors"
-        shard = hf_tensors(model, dtype, layers)
-        save_file(shard, os.path.join(folder, name), metadata={"format": "pt"})
-        weight_map.update({k: name for k in shard})
-    write_metadata(folder, model.cfg, dtype, weight_map if len(groups) > 1 else None, tokenizer, pruning)
+    with atomic_folder(folder, replace) as tmp:
+        for g, layers in enumerate(groups):
+            name = "model.safetensors" if len(groups) == 1 else f"model-{g + 1:05d}-of-{len(groups):05d}.safetensors"
+            shard = hf_tensors(model, dtype, layers)
+            save_file(shard, os.path.join(tmp, name), metadata={"format": "pt"})
+            weight_map.update({k: name for k in shard})
+        write_metadata(tmp, model.cfg, dtype, weight_map if len(groups) > 1 else None, tokenizer, pruning)
+
+
+def read_pruning(folder):
+    """The pruning record (prune.py's: domain, original_n_experts, source, layers [{"kept": routed ids}]) of a
+    folder that nanoEMO pruned (its pruning.json), None for any other folder."""
+    path = os.path.join(folder, "pruning.json")
+    if not os.path.exists(path):
+        return None
+    saved = read_json(path)
+    n_routed = saved["original_num_experts"] - saved["num_shared_experts"]
+    return {**{k: saved.get(k) for k in ("domain", "method", "calibration", "source")},
+            "original_n_experts": saved["original_num_experts"],
+            "layers": [{"kept": [e for e in kept if e < n_routed]} for kept in saved["experts_kept_per_layer"]]}
 
 
 def write_metadata(folder, cfg, dtype, weight_map=None, tokenizer=None, pruning=None):

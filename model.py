@@ -64,7 +64,10 @@ class ModelConfig:
     init_std: float = 0.02
 
     def __post_init__(self):
+        sizes = {"vocab_size": self.vocab_size, "seq_len": self.seq_len, "n_layer": self.n_layer,
+                 "n_head": self.n_head, "d_model": self.d_model, "expert_hidden": self.expert_hidden}
         checks = [
+            (all(v >= 1 for v in sizes.values()), f"sizes must be at least 1, got {sizes}"),
             (self.d_model % self.n_head == 0 and (self.d_model // self.n_head) % 2 == 0,
              f"d_model {self.d_model} must split into n_head {self.n_head} heads of even size (RoPE)"),
             (0 <= self.n_shared < self.n_experts, f"n_shared {self.n_shared} must be in [0, n_experts)"),
@@ -79,6 +82,8 @@ class ModelConfig:
              and all(self.n_shared < e <= self.n_experts for e in self.experts_per_layer),
              f"experts_per_layer {self.experts_per_layer} must give each of the {self.n_layer} layers more than "
              f"n_shared {self.n_shared} and at most n_experts {self.n_experts} experts"),
+            (not self.experts_per_layer or max(self.experts_per_layer) == self.n_experts,
+             f"n_experts {self.n_experts} must be the largest of experts_per_layer {self.experts_per_layer}"),
         ]
         for ok, message in checks:
             if not ok:

@@ -1,17 +1,19 @@
 """
-Data parallelism for train.py: the process group torchrun asks for, the model wrapped in DDP or sharded with
-FSDP2, and the few collectives the loop needs beside those in the model (router.py all-reduces its expert
-counts itself).
+Scale for train.py: the process group torchrun asks for, the model wrapped in DDP or sharded with FSDP2,
+activation checkpointing, and the few collectives the loop needs beside those in the model (router.py
+all-reduces its expert counts itself).
 
     rank, world, device = setup_distributed(cfg)          # (0, 1, device) without torchrun
     model, raw = build_model(model_cfg, cfg, device, world, torch.bfloat16)
 """
 
+import functools
 import os
 import sys
 
 import torch
 import torch.distributed as dist
+from torch.utils.checkpoint import checkpoint
 
 from model import EMO
 
@@ -32,11 +34,19 @@ def setup_distributed(cfg):
     return rank, world, torch.device("cpu")
 
 
-def build_model(model_cfg, cfg, device, world, compute_dtype=torch.float32, prepare=None):
+def checkpoint_blocks(model):
+    """Activation checkpointing: each block keeps only its input for the backward and recomputes the rest
+    there (the recompute redraws the same pools: checkpoint restores the RNG state)."""
+    for block in model.layers:
+        block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False)
+
+
+def build_model(model_cfg, cfg, device, world, compute_dtype=torch.float32):
     """The model on its device, wrapped for data parallelism. Returns (model to call, the bare module).
     FSDP2 shards every block and the rest; with bfloat16 compute it keeps float32 master weights, gathers
-    bfloat16 copies for the forward and backward, and reduces gradients in float32. prepare(raw), if given,
-    changes the bare model before it is sharded (train.py's activation checkpointing)."""
+    bfloat16 copies for the forward and backward, and reduces gradients in float32. With
+    cfg.activation_checkpointing the blocks are checkpointed before they are sharded."""
+    prepare = checkpoint_blocks if cfg.activation_checkpointing else None
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     if cfg.parallel == "fsdp" and world > 1:
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard

@@ -41,12 +41,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from calibration import argument_texts, text_arguments, text_source
-from checkpoint import load_model, model_name, save_checkpoint
+from checkpoint import load_model, model_config, model_name, save_checkpoint
 from data.tokenizer import from_record
 from errors import UserError, run_command
+from files import atomic_write, check_target
 from hf import export_hf
 from kernels import swiglu
-from model import ModelConfig, eval_mode
+from model import eval_mode
 
 METHODS = ("greedy", "global", "global_budget", "frequency", "easy_ep", "random")
 
@@ -265,7 +266,7 @@ def original_model(ckpt, domain, path):
     pruned for one domain is not pruned for another: its other experts are gone."""
     previous = ckpt.get("pruning")
     if previous is None:
-        return ModelConfig(**ckpt["model_config"]).n_experts, path
+        return model_config(ckpt, path).n_experts, path
     if previous["domain"] != domain:
         raise UserError(f"{path} is already pruned for {previous['domain']!r}: prune the original model "
                         f"({previous['source']}) for {domain!r} instead")
@@ -298,6 +299,7 @@ def main(argv=None):
     parser.add_argument("--out", default="", help="output path without extension "
                         "(default: out/pruned/MODEL/DOMAIN-keepK-METHOD)")
     parser.add_argument("--hf_out", default="", help="also export the pruned model in Hugging Face format here")
+    parser.add_argument("--replace", action="store_true", help="replace --hf_out if it holds anything")
     args = parser.parse_args(argv)
     # every check before any work or writing
     domain, calibration = text_source(args)
@@ -306,6 +308,8 @@ def main(argv=None):
     domains = args.domain.split(",") if args.domain else []
     if args.calib and len(domains) > 1:
         raise UserError("--calib is one domain's text: compose several domains of the built-in corpus instead")
+    if args.hf_out:
+        check_target(args.hf_out, args.replace)
     model, ckpt = load_model(args.ckpt, args.device)
     n_original, source = original_model(ckpt, domain, args.ckpt)
     keep = keep_count(parse_keep(args.keep), n_original, model.cfg.n_shared)
@@ -322,10 +326,10 @@ def main(argv=None):
     out = args.out or os.path.join("out", "pruned", model_name(args.ckpt), f"{domain}-keep{keep}-{args.method}")
     save_checkpoint(out + ".pt", {"model_config": dataclasses.asdict(model.cfg), "model": model.state_dict(),
                                   "step": ckpt.get("step"), "pruning": record, "tokenizer": ckpt.get("tokenizer")})
-    with open(out + ".json", "w") as f:
-        json.dump(record, f, indent=1)
+    atomic_write(out + ".json", lambda f: json.dump(record, f, indent=1), "w")
     if args.hf_out:
-        export_hf(model, args.hf_out, tokenizer=from_record(ckpt.get("tokenizer")), pruning=record)
+        export_hf(model, args.hf_out, tokenizer=from_record(ckpt.get("tokenizer")), pruning=record,
+                  replace=args.replace)
     total, active = model.num_params()
     print(f"kept {keep} of {n_original} experts per layer for {domain!r} ({args.method}, {n_examples} "
           f"calibration examples): {total / 1e6:.2f}M parameters, {active / 1e6:.2f}M active -> {out}.pt, .json")

@@ -11,25 +11,25 @@ experts kept are those of prune.py's greedy method on the whole model in memory 
     python prune_stream.py --ckpt out/emo_tiny --calib my_notes/ --domain notes --keep 16 --out out/notes_hf
 
 --ckpt is a Hugging Face folder (the release's format) or a nanoEMO checkpoint; the output is a
-Hugging Face folder (one shard per layer, with config.json, pruning.json and tokenizer.json), written to
-OUT.tmp and renamed to OUT when complete, so that a run that fails half-way (a full disk) leaves no
-half-written model. On a CPU the layers compute in float32, whatever the checkpoint's dtype; the shards keep it.
+Hugging Face folder (one shard per layer, with config.json, pruning.json and tokenizer.json), written beside
+OUT and renamed to OUT when complete (files.atomic_folder), so that a run that fails half-way (a full disk)
+leaves no half-written model; an OUT that holds anything is refused unless --replace. On a CPU the layers compute in float32, whatever the checkpoint's dtype; the shards keep it.
 """
 
 import argparse
-import json
 import os
-import shutil
 
 import torch
 from safetensors.torch import save_file
 
 from calibration import argument_texts, text_arguments, text_source
-from checkpoint import is_hf_checkpoint, load_checkpoint
+from checkpoint import is_hf_checkpoint, load_checkpoint, model_config
 from data.tokenizer import from_record, tokenizer_record
 from errors import UserError, run_command
-from hf import DTYPES, OUTSIDE_LAYERS, TensorFiles, block_tensors, config_from_hf, load_block, write_metadata
-from model import EMO, Block, ModelConfig
+from files import atomic_folder, check_target
+from hf import (DTYPES, OUTSIDE_LAYERS, TensorFiles, block_tensors, config_from_hf, load_block, read_json, read_pruning,
+                write_metadata)
+from model import EMO, Block
 from prune import greedy_layer, keep_count, parse_keep, pruned_config
 
 
@@ -38,8 +38,10 @@ class HFLayers:
     unmapped after, so that the pages read do not stay in the process's resident set."""
 
     def __init__(self, folder):
-        with open(os.path.join(folder, "config.json")) as f:
-            hf = json.load(f)
+        hf = read_json(os.path.join(folder, "config.json"))
+        previous = read_pruning(folder)
+        if previous:
+            raise UserError(f"{folder} is already pruned: stream the original model ({previous['source']})")
         self.folder = folder
         self.cfg = config_from_hf(hf, os.path.basename(os.path.normpath(folder)))
         self.dtype = DTYPES.get(hf.get("torch_dtype"), torch.float32)
@@ -64,7 +66,7 @@ class CheckpointLayers:
         ckpt = load_checkpoint(path)
         if ckpt.get("pruning"):
             raise UserError(f"{path} is already pruned: stream the original model ({ckpt['pruning']['source']})")
-        self.cfg, self.state, self.tokenizer = ModelConfig(**ckpt["model_config"]), ckpt["model"], ckpt.get("tokenizer")
+        self.cfg, self.state, self.tokenizer = model_config(ckpt, path), ckpt["model"], ckpt.get("tokenizer")
         self.dtype = self.state["embed.weight"].dtype
 
     def outside(self, name):
@@ -114,28 +116,22 @@ def main(argv=None):
     parser.add_argument("--calib_docs", type=int, default=16, help="calibration examples used")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", required=True, help="the pruned model's folder (Hugging Face format)")
+    parser.add_argument("--replace", action="store_true", help="replace --out if it holds anything")
     args = parser.parse_args(argv)
     domain, calibration = text_source(args)
-    if os.path.exists(args.out):
-        raise UserError(f"{args.out} exists: give a new folder")
+    if args.calib_docs < 1:
+        raise UserError(f"--calib_docs {args.calib_docs}: at least one calibration example is needed")
+    check_target(args.out, args.replace)
     source = HFLayers(args.ckpt) if is_hf_checkpoint(args.ckpt) else CheckpointLayers(args.ckpt)
     if source.cfg.experts_per_layer:
         raise UserError(f"{args.ckpt} keeps different numbers of experts per layer: stream the original model")
     keep = keep_count(parse_keep(args.keep), source.cfg.n_experts, source.cfg.n_shared)
     [batches] = argument_texts(args, source.tokenizer, source.cfg, [args.domain], args.calib_docs)
-    tmp = args.out.rstrip("/") + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    try:
+    with atomic_folder(args.out, args.replace) as tmp:
         pruned, layers, weight_map = stream_prune(source, batches, keep, tmp, args.device)
         record = {"domain": domain, "keep": keep, "original_n_experts": source.cfg.n_experts, "method": "greedy",
-                  "calibration": calibration, "source": args.ckpt,
-                  "layers": layers}
+                  "calibration": calibration, "source": args.ckpt, "layers": layers}
         write_metadata(tmp, pruned, source.dtype, weight_map, from_record(source.tokenizer), record)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    os.replace(tmp, args.out)
     print(f"kept {keep} of {source.cfg.n_experts} experts per layer for {domain!r} (greedy, streamed) -> {args.out}")
 
 

@@ -30,8 +30,10 @@ def main(argv=None):
     parser.add_argument("--no_cache", action="store_true", help="recompute the whole context every token")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
-    if args.max_new_tokens < 1 or args.num_samples < 1:
-        raise UserError("--max_new_tokens and --num_samples must be at least 1")
+    if args.max_new_tokens < 1 or args.num_samples < 1 or args.top_k < 1:
+        raise UserError("--max_new_tokens, --num_samples and --top_k must be at least 1")
+    if args.temperature < 0:
+        raise UserError(f"--temperature {args.temperature}: give 0 (the most likely token) or more")
     prompt = args.prompt
     if args.prompt_file:
         try:

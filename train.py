@@ -7,20 +7,18 @@ Train an EMO (or standard) MoE language model: one loop from a CPU toy to the 1B
     python train.py config/emo_tiny.py --init_from=resume       # continue out_dir/ckpt.pt exactly
 
 The loop: AdamW (weight decay on everything but the input embedding, as the release), linear warmup then
-cosine to min_lr_ratio * lr, gradient accumulation, grad clipping, bf16 autocast on CUDA, optional
-torch.compile (--compile=True) and activation checkpointing per block (--activation_checkpointing=True),
-DDP or FSDP2 (`fully_shard` per block; with bf16, float32 master weights and float32 gradient reduction).
-The load-balancing loss is global: every router all-reduces its expert counts over the data-parallel group
-on every micro-batch (router.py). Per-domain validation loss every eval_interval. Checkpoints are atomic
-and carry the optimizer, RNG states and data position, so a resumed run reproduces the losses of an
-uninterrupted one; a NaN/inf loss stops the run without saving; SIGINT and SIGTERM end the run at the next
-step boundary with a checkpoint. out_dir/ holds ckpt.pt, log.txt and history.json (every step's losses and
-statistics, for plots). Memory and time of a config on N GPUs, before renting them: bench/plan.py.
+cosine to min_lr_ratio * lr (and, with anneal_steps, linear to 0 at the end, as the release's anneal),
+gradient accumulation, grad clipping, bf16 autocast on CUDA, optional torch.compile (--compile=True) and
+activation checkpointing per block (--activation_checkpointing=True), DDP or FSDP2 (parallel.py). The
+load-balancing loss is global: every router all-reduces its expert counts over the data-parallel group on
+every micro-batch (router.py). Per-domain validation loss every eval_interval. A run holds its out_dir
+(files.RunLock: a second run there is refused); checkpoints are atomic and carry the optimizer, RNG states and
+data position, so a resumed run reproduces the losses of an uninterrupted one; a non-finite loss or gradient
+stops the run before the update and a non-finite weight is never saved; SIGINT and SIGTERM end the run at the
+next step boundary with a checkpoint and exit status 130 / 143. out_dir/ holds ckpt.pt, log.txt, history.json.
 """
 
 import dataclasses
-import functools
-import json
 import math
 import os
 import platform
@@ -32,16 +30,15 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.distributed as dist
-from torch.utils.checkpoint import checkpoint
 
-from checkpoint import (CHECKPOINT_NAME, all_ranks_rng_states, check_shapes, full_state, load_checkpoint,
-                        load_full_state, save_checkpoint, set_rng_state)
+from checkpoint import (CHECKPOINT_NAME, check_shapes, load_checkpoint, load_full_state, model_config, resume_run,
+                        save_run)
 from configurator import parse_args
 from data.corpus import Corpus, TrainWindows, expand_train_files
 from data.tokenizer import tokenizer_record
 from errors import UserError, run_command
 from eval import evaluate_domains
-from files import atomic_write
+from files import RunLock
 from kernels import expert_path
 from model import EMO, ModelConfig
 from parallel import any_rank, build_model, leave_process_group, setup_distributed
@@ -62,6 +59,7 @@ class TrainConfig:
     lr: float = 3e-3
     min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
     warmup_steps: int = 100
+    anneal_steps: int = 0  # then the last anneal_steps decay linearly to 0 (the release's final anneal)
     weight_decay: float = 0.1
     beta1: float = 0.9
     beta2: float = 0.95
@@ -81,12 +79,28 @@ class TrainConfig:
     wandb_project: str = "nanoemo"
 
     def __post_init__(self):
-        if self.parallel not in ("ddp", "fsdp"):
-            raise UserError(f"parallel must be 'ddp' or 'fsdp', got {self.parallel!r}")
-        if self.dtype not in ("auto", "bfloat16", "float32"):
-            raise UserError(f"dtype must be 'auto', 'bfloat16' or 'float32', got {self.dtype!r}")
-        if self.init_from == "resume" and not os.path.exists(os.path.join(self.out_dir, CHECKPOINT_NAME)):
-            raise UserError(f"init_from='resume' but there is no {os.path.join(self.out_dir, CHECKPOINT_NAME)}")
+        checks = [(self.parallel in ("ddp", "fsdp"), f"parallel must be 'ddp' or 'fsdp', got {self.parallel!r}"),
+                  (self.dtype in ("auto", "bfloat16", "float32"), f"dtype must be auto, bfloat16 or float32, got "
+                   f"{self.dtype!r}"),
+                  (self.lr >= 0 and 0 <= self.min_lr_ratio <= 1, f"lr must be >= 0 and min_lr_ratio in [0, 1], got "
+                   f"{self.lr} and {self.min_lr_ratio}"),
+                  (self.weight_decay >= 0 and self.grad_clip > 0 and 0 <= self.beta1 < 1 and 0 <= self.beta2 < 1,
+                   "weight_decay must be >= 0, grad_clip > 0, beta1 and beta2 in [0, 1)"),
+                  (not self.anneal_steps or self.warmup_steps + self.anneal_steps <= self.max_steps,
+                   "warmup_steps + anneal_steps must not exceed max_steps")]
+        at_least = {1: ("batch_size", "grad_accum", "max_steps", "log_interval", "checkpoint_interval", "eval_tokens"),
+                    0: ("stop_after", "warmup_steps", "eval_interval", "anneal_steps")}
+        checks += [(getattr(self, key) >= low, f"{key} must be at least {low}, got {getattr(self, key)}")
+                   for low, keys in at_least.items() for key in keys]
+        for ok, message in checks:
+            if not ok:
+                raise UserError(message)
+        checkpoint = os.path.join(self.out_dir, CHECKPOINT_NAME)
+        if self.init_from == "resume" and not os.path.exists(checkpoint):
+            raise UserError(f"init_from='resume' but there is no {checkpoint}")
+        if self.init_from != "resume" and os.path.exists(checkpoint):
+            raise UserError(f"{self.out_dir} already holds a run ({checkpoint}): continue it with --init_from=resume, "
+                            "or give another out_dir")
 
 
 # bf16 dense peak FLOP/s per device, for MFU
@@ -112,7 +126,7 @@ def resolve_model_config(cfg, model_cfg, given):
     path = os.path.join(cfg.out_dir, CHECKPOINT_NAME) if cfg.init_from == "resume" else cfg.init_from
     ckpt = load_checkpoint(path)
     explicit = {f.name: getattr(model_cfg, f.name) for f in dataclasses.fields(ModelConfig) if f.name in given}
-    return dataclasses.replace(ModelConfig(**ckpt["model_config"]), **explicit), ckpt
+    return dataclasses.replace(model_config(ckpt, path), **explicit), ckpt
 
 
 def training_data(cfg, model_cfg):
@@ -138,18 +152,14 @@ def run_tokenizer(cfg, corpus, ckpt):
         return tokenizer_record(cfg.tokenizer)
     if corpus is not None:
         return tokenizer_record(corpus.tokenizer_spec())
-    if ckpt is not None:
-        return ckpt.get("tokenizer")
-    return None
+    return None if ckpt is None else ckpt.get("tokenizer")
 
 
 class Logger:
     """print0 and out_dir/log.txt, plus wandb when asked."""
 
     def __init__(self, cfg, rank, run_config):
-        self.active = rank == 0
-        self.file = None
-        self.wandb = None
+        self.active, self.file, self.wandb = rank == 0, None, None
         if self.active:
             os.makedirs(cfg.out_dir, exist_ok=True)
             self.file = open(os.path.join(cfg.out_dir, "log.txt"), "a")
@@ -165,13 +175,6 @@ class Logger:
             self.file.flush()
             if self.wandb is not None and metrics:
                 self.wandb.log(metrics, step=step)
-
-
-def checkpoint_blocks(model):
-    """Activation checkpointing: each block keeps only its input for the backward and recomputes the rest
-    there (the recompute redraws the same pools: checkpoint restores the RNG state)."""
-    for block in model.layers:
-        block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False)
 
 
 def configure_optimizer(model, cfg, device):
@@ -199,32 +202,23 @@ class Run:
     windows: TrainWindows
     corpus: Corpus
     tokenizer: dict
+    lock: RunLock  # rank 0's hold on out_dir (None on the other ranks)
     step: int = 0
     history: list = dataclasses.field(default_factory=list)  # every step's record, resumes included
 
 
 def setup_run(cfg, model_cfg, corpus, files, dtype, tokenizer):
     rank, world, device = setup_distributed(cfg)
+    lock = RunLock(cfg.out_dir) if rank == 0 else None  # before anything is written there
     use_bf16 = cfg.dtype == "bfloat16" or (cfg.dtype == "auto" and device.type == "cuda")
     autocast_dtype = torch.bfloat16 if use_bf16 else torch.float32
     log = Logger(cfg, rank, {**dataclasses.asdict(cfg), **dataclasses.asdict(model_cfg)})
-    model, raw = build_model(model_cfg, cfg, device, world, autocast_dtype,
-                             checkpoint_blocks if cfg.activation_checkpointing else None)
+    model, raw = build_model(model_cfg, cfg, device, world, autocast_dtype)
     optimizer = configure_optimizer(raw, cfg, device)
     windows = TrainWindows(files, dtype, model_cfg.seq_len, cfg.batch_size, cfg.seed, rank, world)
     torch.manual_seed(cfg.seed + rank)  # pool sizes differ between ranks, as their documents do
     return Run(cfg, model_cfg, rank, world, device, autocast_dtype, log, model, raw, optimizer, windows, corpus,
-               tokenizer)
-
-
-def resume(run, ckpt):
-    if ckpt.get("world", 1) != run.world:
-        raise UserError(f"checkpoint written by {ckpt.get('world')} ranks, resuming with {run.world}: "
-                        "RNG streams would differ; resume with the same number of ranks")
-    load_full_state(run.raw, run.optimizer, ckpt["model"], ckpt["optimizer"])
-    run.step, run.history = ckpt["step"], ckpt["history"]
-    run.windows.load_state_dict(ckpt["data"])
-    set_rng_state(ckpt["rng"][run.rank], run.device)
+               tokenizer, lock)
 
 
 def log_header(run, files):
@@ -242,13 +236,17 @@ def log_header(run, files):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# The loop's three actions: a step, an evaluation, a checkpoint.
+# The loop's three actions: a step, an evaluation, a checkpoint (checkpoint.save_run).
 
 def learning_rate(step, cfg):
-    """Linear warmup to lr, then cosine to lr * min_lr_ratio at max_steps."""
+    """Linear warmup to lr, then cosine to lr * min_lr_ratio at max_steps - anneal_steps, then (the release's
+    final anneal) linear to 0 at the last step."""
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / (cfg.warmup_steps + 1)
-    progress = min((step - cfg.warmup_steps) / max(cfg.max_steps - cfg.warmup_steps, 1), 1.0)
+    cosine_end = cfg.max_steps - cfg.anneal_steps
+    if cfg.anneal_steps and step >= cosine_end:
+        return cfg.lr * cfg.min_lr_ratio * (1 - (step - cosine_end + 1) / cfg.anneal_steps)
+    progress = min((step - cfg.warmup_steps) / max(cosine_end - cfg.warmup_steps, 1), 1.0)
     return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
@@ -281,11 +279,14 @@ def train_step(run):
     if run.world > 1:
         dist.all_reduce(means)
         means /= run.world
-    if not math.isfinite(means[0].item()):
-        run.log(f"step {run.step}: loss is {means[0].item()}; stopping without saving (last good checkpoint kept)")
-        raise FloatingPointError(f"non-finite loss {means[0].item()} at step {run.step}")
     grad_norm = torch.nn.utils.clip_grad_norm_(run.raw.parameters(), cfg.grad_clip)
     grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # FSDP: DTensor
+    loss, norm = torch.stack([means[0], grad_norm.float()]).tolist()
+    if not (math.isfinite(loss) and math.isfinite(norm)):  # checked before the update: nothing bad is kept
+        message = (f"step {run.step}: the loss ({loss}) or the gradient norm ({norm}) is not finite; stopped before "
+                   "the update, the last checkpoint kept: resume it with a lower lr")
+        run.log(message)
+        raise UserError(message)
     run.optimizer.step()
     run.optimizer.zero_grad(set_to_none=True)
     run.step += 1
@@ -316,36 +317,41 @@ def evaluate(run, record):
             {f"val/{d}": v for d, v in record["val"].items()}, run.step)
 
 
-def save(run):
-    """ckpt.pt (atomic) with everything a resume needs, and history.json; the state is gathered on every rank."""
-    model_state, optim_state = full_state(run.raw, run.optimizer)
-    rngs = all_ranks_rng_states(run.device, run.world)
-    if run.rank == 0:
-        save_checkpoint(os.path.join(run.cfg.out_dir, CHECKPOINT_NAME), {
-            "model_config": dataclasses.asdict(run.model_cfg), "model": model_state, "optimizer": optim_state,
-            "train_config": dataclasses.asdict(run.cfg), "step": run.step, "world": run.world,
-            "data": run.windows.state_dict(), "rng": rngs, "history": run.history, "tokenizer": run.tokenizer})
-        atomic_write(os.path.join(run.cfg.out_dir, "history.json"), lambda f: json.dump(run.history, f), "w")
-
-
 # ---------------------------------------------------------------------------------------------------------
 
 def train(argv):
-    """Run training from command-line style arguments. Returns (bare model, this invocation's step records)."""
+    """Run training from command-line style arguments. Returns (bare model, this invocation's step records).
+    Stopped by SIGINT or SIGTERM, it checkpoints and exits with 128 + the signal's number (130, 143), so that
+    a scheduler tells a preempted run from a finished one."""
     (cfg, model_cfg), given = parse_args(argv, TrainConfig, ModelConfig)
     model_cfg, ckpt = resolve_model_config(cfg, model_cfg, given)
     expert_path("cpu", torch.float32, (model_cfg.expert_hidden, model_cfg.d_model))  # a bad NANOEMO_KERNEL fails here
     corpus, files, dtype = training_data(cfg, model_cfg)
     run = setup_run(cfg, model_cfg, corpus, files, dtype, run_tokenizer(cfg, corpus, ckpt))
-    if ckpt is not None and cfg.init_from == "resume":
-        resume(run, ckpt)
-    elif ckpt is not None:
-        check_shapes(run.raw, ckpt["model"], cfg.init_from)
-        load_full_state(run.raw, None, ckpt["model"])
-    log_header(run, files)
-    if ckpt is not None:
-        run.log(f"initialised from {cfg.init_from} at step {run.step}")
+    try:
+        if ckpt is not None:
+            check_shapes(run.raw, ckpt["model"], cfg.init_from)
+            if cfg.init_from == "resume":
+                resume_run(run, ckpt)
+            else:
+                load_full_state(run.raw, None, ckpt["model"])
+        log_header(run, files)
+        if ckpt is not None:
+            run.log(f"initialised from {cfg.init_from} at step {run.step}")
+        first_record = len(run.history)
+        stopped_by = loop(run)
+    finally:
+        if run.lock is not None:
+            run.lock.release()
+    if stopped_by:
+        raise SystemExit(128 + stopped_by)
+    return run.raw, run.history[first_record:]
 
+
+def loop(run):
+    """Steps until max_steps (or stop_after), evaluating and checkpointing on the way. Returns the number of
+    the signal that stopped it, 0 if none did."""
+    cfg, model_cfg = run.cfg, run.model_cfg
     tokens_per_step = cfg.batch_size * model_cfg.seq_len * cfg.grad_accum
     flops_per_step = run.raw.flops_per_token(model_cfg.seq_len) * tokens_per_step
     peak = peak_flops(run.device, cfg.peak_flops)
@@ -353,7 +359,7 @@ def train(argv):
     stop_requested = []  # SIGINT / SIGTERM end the run at the next step boundary, checkpointed
     previous = {sig: signal.signal(sig, lambda signum, frame: stop_requested.append(signum))
                 for sig in (signal.SIGINT, signal.SIGTERM)}
-    started, first_step, first_record = time.time(), run.step, len(run.history)
+    started, first_step = time.time(), run.step
     try:
         while run.step < last_step:
             t0 = time.time()
@@ -363,20 +369,20 @@ def train(argv):
             if run.step % cfg.log_interval == 0 or run.step == last_step:
                 eta = (time.time() - started) / (run.step - first_step) * (last_step - run.step)
                 log_step(run, record, step_time, eta, flops_per_step, peak)
-            if corpus is not None and cfg.eval_interval and (run.step % cfg.eval_interval == 0
-                                                              or run.step == last_step):
+            if run.corpus is not None and cfg.eval_interval and (run.step % cfg.eval_interval == 0
+                                                                  or run.step == last_step):
                 evaluate(run, record)
             stop = any_rank(bool(stop_requested), run.world, run.device)
             if run.step % cfg.checkpoint_interval == 0 or run.step == last_step or stop:
-                save(run)
+                save_run(run)
             if stop:
                 run.log(f"stopped by signal at step {run.step}; checkpoint written, continue with --init_from=resume")
-                break
+                return (stop_requested or [signal.SIGTERM])[0]  # another rank's signal: as a SIGTERM
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     run.log(f"done: step {run.step} in {(time.time() - started) / 60:.1f} min")
-    return run.raw, run.history[first_record:]
+    return 0
 
 
 def main(argv=None):

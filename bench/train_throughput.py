@@ -23,7 +23,7 @@ from configurator import parse_args  # noqa: E402
 from kernels import expert_path  # noqa: E402
 from model import ModelConfig  # noqa: E402
 from parallel import build_model, setup_distributed  # noqa: E402
-from train import TrainConfig, checkpoint_blocks, configure_optimizer, peak_flops  # noqa: E402
+from train import TrainConfig, configure_optimizer, peak_flops  # noqa: E402
 
 
 @dataclass
@@ -50,8 +50,7 @@ def compute_dtype(cfg, device):
 def time_steps(model_cfg, cfg, bench, device):
     """(median seconds per optimizer step (forward, backward, AdamW), seconds of the first step, the model)."""
     dtype = compute_dtype(cfg, device)
-    prepare = checkpoint_blocks if cfg.activation_checkpointing else None
-    model, raw = build_model(model_cfg, cfg, device, 1, dtype, prepare)
+    model, raw = build_model(model_cfg, cfg, device, 1, dtype)
     optimizer = configure_optimizer(raw, cfg, device)
     generator = torch.Generator().manual_seed(0)
     times = []

@@ -170,9 +170,9 @@ def test_model_loss_is_cross_entropy_plus_weighted_auxiliary_losses():
 
 
 def test_activation_checkpointing_gives_the_same_step():
-    """Recomputing each block in the backward (train.py's checkpoint_blocks; the pools redrawn from the same
+    """Recomputing each block in the backward (parallel.py's checkpoint_blocks; the pools redrawn from the same
     RNG state) changes nothing."""
-    from train import checkpoint_blocks
+    from parallel import checkpoint_blocks
     torch.manual_seed(0)
     plain = EMO(tiny_config(router="emo", doc_attention=True))
     checkpointed = EMO(plain.cfg)

@@ -80,9 +80,10 @@ def test_a_failure_half_way_leaves_no_model(tiny_corpus, tiny_checkpoints, tmp_p
     monkeypatch.setattr(prune_stream, "save_file", full_disk)
     args = ["--ckpt", tiny_checkpoints["emo"], "--data_dir", tiny_corpus[0], "--domain", "code", "--keep", "4",
             "--calib_docs", "2", "--out", str(tmp_path / "out")]
-    with pytest.raises(OSError, match="No space"):
+    with pytest.raises(UserError, match="no space left on the device to write"):
         prune_stream.main(args)
     assert os.listdir(tmp_path) == []
     os.makedirs(tmp_path / "out")
-    with pytest.raises(UserError, match="exists"):
+    open(tmp_path / "out" / "notes.txt", "w").write("mine")
+    with pytest.raises(UserError, match="exists and is not empty: give another folder, or --replace"):
         prune_stream.main(args)

@@ -5,6 +5,7 @@
 """
 
 import json
+import math
 import os
 
 import numpy as np
@@ -65,10 +66,10 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny_corpus, tmp_path):
     ckpt["model"]["lm_head.weight"][0, 0] = float("nan")
     torch.save(ckpt, ckpt_file)
     before = open(ckpt_file, "rb").read()
-    with pytest.raises(FloatingPointError, match="non-finite loss"):
+    with pytest.raises(UserError, match="step 3: the loss \\(nan\\) .* not finite; stopped before the update"):
         train(tiny_run(tiny_corpus[0], out, "--init_from=resume"))
     assert open(ckpt_file, "rb").read() == before
-    assert "stopping without saving" in open(out / "log.txt").read()
+    assert "stopped before the update, the last checkpoint kept" in open(out / "log.txt").read()
 
 
 @pytest.mark.parametrize("extra,error,message", [
@@ -132,6 +133,17 @@ def test_learning_rate_schedule():
     assert learning_rate(10, cfg) == pytest.approx(1.0)
     assert learning_rate(60, cfg) == pytest.approx(0.55)
     assert learning_rate(110, cfg) == pytest.approx(0.1)
+
+
+def test_the_final_anneal_reaches_zero_at_the_last_step():
+    """anneal_steps: the cosine ends at min_lr_ratio * lr anneal_steps before the end, then the learning rate
+    falls linearly to 0 at the last step (step max_steps - 1, the last update)."""
+    cfg = TrainConfig(lr=1.0, warmup_steps=10, max_steps=110, min_lr_ratio=0.1, anneal_steps=20)
+    assert learning_rate(60, cfg) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 50 / 80)))
+    assert learning_rate(89, cfg) == pytest.approx(0.1, abs=1e-3)  # the cosine's end
+    assert [learning_rate(step, cfg) for step in (90, 99, 109)] == pytest.approx([0.1 * 19 / 20, 0.1 * 10 / 20, 0])
+    steps = [learning_rate(step, cfg) for step in range(90, 110)]
+    assert all(a > b for a, b in zip(steps, steps[1:]))
 
 
 def test_windows_are_the_same_for_any_number_of_ranks(tmp_path):

@@ -198,4 +198,4 @@ def test_run_command_exit_code_for_sample(capsys, tiny_checkpoints):
     with pytest.raises(SystemExit) as exit_info:
         run_command(sample.main, ["--ckpt", tiny_checkpoints["emo"], "--max_new_tokens", "0"])
     assert exit_info.value.code == 2
-    assert capsys.readouterr().err == "error: --max_new_tokens and --num_samples must be at least 1\n"
+    assert capsys.readouterr().err == "error: --max_new_tokens, --num_samples and --top_k must be at least 1\n"
