@@ -81,6 +81,12 @@ def text_source(args):
     return name, args.calib or f"{args.data_dir} calibration documents"
 
 
+def text_split(args):
+    """Which split the text comes from, for the pruning record: a benchmark's validation questions, the corpus's
+    calibration documents, or the user's own text."""
+    return "validation" if getattr(args, "benchmark", "") else "user" if args.calib else "calib"
+
+
 def argument_texts(args, tokenizer, cfg, domains, n, seed=CALIBRATION_SEED):
     """The batches text_arguments point to, for a model of config cfg: one list per domain. A --benchmark's
     first n calibration questions, or your own --calib text (its first n pieces), both tokenized with

@@ -64,9 +64,18 @@ def release_training_settings(folder_name, n_experts, top_k):
             "doc_attention": not standard, "lm_z_weight": 1e-5}
 
 
-def config_from_hf(hf, folder_name=""):
+def checkpoint_dtype(hf):
+    """The dtype a config.json records: transformers writes "dtype" since 4.56, "torch_dtype" before."""
+    name = hf.get("dtype") or hf.get("torch_dtype") or "float32"
+    if name not in DTYPES:
+        raise UserError(f"config.json: dtype {name!r} is not one of {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+def config_from_hf(hf, folder_name="", eval_doc_attention=False):
     """ModelConfig from a release config.json dict; an error names any key this model cannot honour.
-    Training settings come from the `nanoemo` key of our exports, else the release's own."""
+    Training settings come from the `nanoemo` key of our exports, else the release's own. At inference the
+    release attends causally only, whatever it trained with: eval_doc_attention=True masks documents then too."""
     if hf.get("model_type") != MODEL_TYPE:
         raise UserError(f"config.json: model_type {hf.get('model_type')!r} is not {MODEL_TYPE!r}")
     for key in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_experts",
@@ -98,7 +107,7 @@ def config_from_hf(hf, folder_name=""):
                        d_model=hf["hidden_size"], n_experts=n_experts, n_shared=n_shared, top_k=top_k,
                        experts_per_layer=() if len(set(per_layer)) == 1 else tuple(per_layer),
                        expert_hidden=hf["intermediate_size"], rope_theta=float(hf.get("rope_theta", 10000.0)),
-                       norm_eps=hf.get("rms_norm_eps", 1e-6), **settings)
+                       norm_eps=hf.get("rms_norm_eps", 1e-6), eval_doc_attention=eval_doc_attention, **settings)
 
 
 def pad_id(tokenizer):
@@ -123,7 +132,8 @@ def hf_config(cfg, dtype, pad_token_id=None):
             "num_shared_experts_per_layer": [cfg.n_shared] * cfg.n_layer, "rope_theta": cfg.rope_theta,
             "rms_norm_eps": cfg.norm_eps, "vocab_size": cfg.vocab_size, "eos_token_id": cfg.eos_id,
             "pad_token_id": pad_token_id, "max_position_embeddings": cfg.seq_len, "tie_word_embeddings": False,
-            "attention_bias": False, "hidden_act": "silu", "torch_dtype": str(dtype).removeprefix("torch."),
+            "attention_bias": False, "hidden_act": "silu", "dtype": str(dtype).removeprefix("torch."),
+            "torch_dtype": str(dtype).removeprefix("torch."),
             "nanoemo": {key: getattr(cfg, key) for key in TRAINING_KEYS}}
 
 
@@ -158,7 +168,8 @@ def open_tensors(path):
 
 
 class TensorFiles:
-    """Memory-mapped access by name to the tensors of one or several safetensors files."""
+    """Access by name to the tensors of one or several safetensors files. Each read maps its file anew and
+    unmaps it after, so that a loaded model is held once in memory, not beside the pages of its files."""
 
     def __init__(self, folder):
         index = os.path.join(folder, "model.safetensors.index.json")
@@ -176,15 +187,20 @@ class TensorFiles:
             verb = "is" if len(missing) == 1 else "are"
             raise UserError(f"{folder}: the index names {', '.join(missing)}, which {verb} not there (an incomplete "
                             "download?)")
-        self.handles = {f: open_tensors(os.path.join(folder, f)) for f in files}
-        self.where = weight_map or {k: "model.safetensors" for k in self.handles["model.safetensors"].keys()}
+        self.paths = {f: os.path.join(folder, f) for f in files}
+        names = {}
+        for f in files:  # every header read now: a damaged file is named before any work
+            with open_tensors(self.paths[f]) as handle:
+                names[f] = list(handle.keys())
+        self.where = weight_map or {k: "model.safetensors" for k in names["model.safetensors"]}
 
     def get(self, name, shape):
         """The tensor called name, checked against the expected shape."""
         if name not in self.where:
             raise UserError(f"checkpoint has no tensor {name!r}")
         try:
-            tensor = self.handles[self.where[name]].get_tensor(name)
+            with open_tensors(self.paths[self.where[name]]) as handle:
+                tensor = handle.get_tensor(name)
         except Exception as error:  # safetensors' own error type: a file shorter than its header says
             raise UserError(f"{self.where[name]}: cannot read {name} ({error}): a truncated file?") from None
         if tuple(tensor.shape) != tuple(shape):
@@ -193,15 +209,16 @@ class TensorFiles:
 
 
 @torch.no_grad()
-def load_hf(path, device="cpu", dtype=None, name=None):
+def load_hf(path, device="cpu", dtype=None, name=None, eval_doc_attention=False):
     """An EMO model (eval mode) from a release-format folder or hub id, in the checkpoint's dtype unless
-    dtype is given; name (default: the path's last part) tells the release's StdMoE baseline from EMO.
+    dtype is given; name (default: the path's last part) tells the release's StdMoE baseline from EMO. It
+    attends causally at inference, as the release's code does (eval_doc_attention=True: within documents).
     Parameters are allocated once and filled tensor by tensor from memory-mapped files, so loading never
     holds two copies of the model."""
     folder = resolve_folder(path)
     hf = read_json(os.path.join(folder, "config.json"))
-    cfg = config_from_hf(hf, os.path.basename(os.path.normpath(name or path)))
-    dtype = dtype or DTYPES.get(hf.get("torch_dtype"), torch.float32)
+    cfg = config_from_hf(hf, os.path.basename(os.path.normpath(name or path)), eval_doc_attention)
+    dtype = dtype or checkpoint_dtype(hf)
     with torch.device("meta"):
         model = EMO(cfg)
     model.to(dtype).to_empty(device=device)
@@ -282,11 +299,52 @@ def read_pruning(folder):
             "layers": [{"kept": [e for e in kept if e < n_routed]} for kept in saved["experts_kept_per_layer"]]}
 
 
+RELEASE_METHODS = {"greedy": "greedy_layerwise", "easy_ep": "easy_ep", "random": "random"}
+
+
+def release_pruning_metadata(pruning, cfg, kept):
+    """The release's pruning_metadata.json for prune.py's record, with the fields the release's script for that
+    method writes (docs/method.md): greedy_prune_layerwise.py, prune_hf_model.py (global, frequency),
+    easy_ep_prune.py, random_prune.py, and greedy_prune_layerwise_variable.py where layers keep different
+    counts. kept: the original ids kept in every layer, shared ones last."""
+    method, counts = pruning.get("method"), [len(layer) for layer in kept]
+    calibration = {"task": pruning.get("domain"), "split": pruning.get("split"),
+                   "num_calibration": pruning.get("calib_examples"), "prune_seed": 0}
+    record = {"original_model": pruning.get("source")}
+    if len(set(counts)) > 1:
+        record |= {"keep_k_per_layer": counts, "num_shared_experts": cfg.n_shared, "pruning_method": method,
+                   **calibration}
+    elif method in ("greedy", "easy_ep"):
+        record |= {"prune_keep_k": counts[0], "num_shared_experts": cfg.n_shared,
+                   "pruning_method": RELEASE_METHODS[method], **calibration, "num_shots_override": None}
+    elif method == "random":
+        record |= {"prune_keep_k": counts[0], "num_shared_experts": cfg.n_shared, "pruning_method": "random",
+                   "seed": pruning.get("seed", 0)}
+    else:  # global, frequency: prune_hf_model.py, from an activation file
+        record |= {"prune_keep_k": counts[0], "num_shared_experts": cfg.n_shared,
+                   "activation_file": pruning.get("calibration")}
+    return {**record, "experts_kept_per_layer": kept}
+
+
+def tokenizer_files(tokenizer, model_max_length):
+    """{file name: content} of what transformers' AutoTokenizer reads beside tokenizer.json: eos and pad set
+    (pad: <|pad|> where the tokenizer has one, else the EOS), no BOS, no token_type_ids."""
+    names = {i: t for t, i in tokenizer._special_tokens.items()}
+    eos = names[tokenizer.eot_token]
+    pad = "<|pad|>" if "<|pad|>" in tokenizer._special_tokens else eos
+    special = {"eos_token": eos, "pad_token": pad}
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", **special, "bos_token": None, "unk_token": None,
+              "model_input_names": ["input_ids", "attention_mask"], "model_max_length": model_max_length,
+              "clean_up_tokenization_spaces": False}
+    return {"tokenizer_config.json": config, "special_tokens_map.json": special}
+
+
 def write_metadata(folder, cfg, dtype, weight_map=None, tokenizer=None, pruning=None):
     """Everything of a release-format folder but the weights: config.json, the shards' index (weight_map:
-    {tensor name: file}, None for one file), tokenizer.json for a tiktoken encoding, and for prune.py's record
-    pruning.json (the original ids of the experts kept in every layer, shared ones last, how and for what they
-    were chosen) and the release's pruning_metadata.json (the same ids)."""
+    {tensor name: file}, None for one file), for a tiktoken encoding tokenizer.json with the tokenizer_config.json
+    and special_tokens_map.json transformers' AutoTokenizer reads, and for prune.py's record pruning.json (the
+    original ids of the experts kept in every layer, shared ones last, how and for what they were chosen) and
+    the release's pruning_metadata.json (release_pruning_metadata)."""
     if weight_map is not None:
         with open(os.path.join(folder, "model.safetensors.index.json"), "w") as f:
             json.dump({"metadata": {}, "weight_map": weight_map}, f, indent=1)
@@ -294,6 +352,9 @@ def write_metadata(folder, cfg, dtype, weight_map=None, tokenizer=None, pruning=
         json.dump(hf_config(cfg, dtype, pad_id(tokenizer)), f, indent=1)
     if tokenizer is not None:
         write_tokenizer_json(tokenizer, os.path.join(folder, "tokenizer.json"))
+        for name, content in tokenizer_files(tokenizer, cfg.seq_len).items():
+            with open(os.path.join(folder, name), "w") as f:
+                json.dump(content, f, indent=1)
     if pruning is not None:
         n_original, n_shared = pruning["original_n_experts"], cfg.n_shared
         shared = list(range(n_original - n_shared, n_original))
@@ -303,8 +364,5 @@ def write_metadata(folder, cfg, dtype, weight_map=None, tokenizer=None, pruning=
                        "num_shared_experts": n_shared,
                        **{k: pruning[k] for k in ("domain", "method", "calibration", "source") if k in pruning}},
                       f, indent=1)
-        # the release's own record, with its fields (prune_keep_k: the largest layer's count where layers differ)
         with open(os.path.join(folder, "pruning_metadata.json"), "w") as f:
-            json.dump({"original_model": pruning.get("source"), "prune_keep_k": cfg.n_experts,
-                       "num_shared_experts": n_shared, "activation_file": pruning.get("calibration"),
-                       "experts_kept_per_layer": kept}, f, indent=2)
+            json.dump(release_pruning_metadata(pruning, cfg, kept), f, indent=2)

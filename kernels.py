@@ -11,7 +11,7 @@ The weights are laid out "input x output", so a group of tokens multiplies an ex
 Each starts the same way: the N*K (token, slot) pairs are sorted by expert, so that each expert's tokens form
 one contiguous group ("sorted slots", NK = N*K rows).
 
-Three paths, equal up to float rounding (tests/test_kernels.py):
+Three paths, equal up to float rounding (tests/test_kernels.py), and a fourth for decoding (moe_mlp_decode):
 - 'loop' (moe_mlp_loop): one matmul pair per expert on its group, in a Python loop. The readable reference;
   it needs the group sizes on the host (a sync) and launches 2E matmuls.
 - 'grouped_mm' (moe_mlp_grouped): the same computation as two grouped GEMMs (torch._grouped_mm, group ends
@@ -143,6 +143,23 @@ def moe_mlp_grouped(x, w_up_gate, w_down, weights, experts):
 
 
 # ---------------------------------------------------------------------------------------------------------
+# Decoding: a few tokens, no gradient. What bounds it is reading the weights once per token; with them laid out
+# output x input (model.EMO.for_decoding) every product reads its rows in order.
+
+DECODE_SLOTS = 16  # (token, slot) pairs up to which moe_mlp_decode runs for a model laid out for decoding
+
+
+def moe_mlp_decode(x, w_up_gate, w_down, weights, experts):
+    """The loop's computation for a few tokens: each (token, slot) pair's two matrix-vector products in turn,
+    no sort, no gather of groups."""
+    y = torch.zeros(x.shape, dtype=torch.float32, device=x.device)  # (N, C)
+    for n, (row, chosen) in enumerate(zip(weights.tolist(), experts.tolist())):  # one host sync
+        for weight, e in zip(row, chosen):
+            y[n] += weight * (swiglu(x[n] @ w_up_gate[e]) @ w_down[e]).float()
+    return y.to(x.dtype)
+
+
+# ---------------------------------------------------------------------------------------------------------
 # Which path runs.
 
 def moe_mlp_triton(x, w_up_gate, w_down, weights, experts):
@@ -180,8 +197,11 @@ def choose_path(device_type, dtype, widths):
                     f"(torch {torch.__version__})")
 
 
-def moe_mlp(x, w_up_gate, w_down, weights, experts):
-    """The expert computation by the path expert_path() picks for x's device and compute dtype."""
+def moe_mlp(x, w_up_gate, w_down, weights, experts, decoding=False):
+    """The expert computation by the path expert_path() picks for x's device and compute dtype; for a model laid
+    out for decoding (decoding), a few tokens without gradient take moe_mlp_decode."""
+    if decoding and weights.numel() <= DECODE_SLOTS and not torch.is_grad_enabled():
+        return moe_mlp_decode(x, w_up_gate, w_down, weights, experts)
     device = x.device.type
     dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
     path, _ = expert_path(device, dtype, tuple(w_down.shape[1:]))

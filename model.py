@@ -21,8 +21,7 @@ Shape letters used across the project:
     logits = model(idx)                      # inference: logits (B, T, V)
 
 EMO is the name of the architecture; with router='std' the same class is the standard-MoE baseline.
-How tokens are routed follows the module's mode: training draws EMO's pools, eval mode routes token by token
-(or with pools of pool_eval experts when it is set), as the release does at inference.
+Training draws EMO's pools, eval mode routes token by token (or with pools of pool_eval), as the release.
 """
 
 from contextlib import contextmanager
@@ -57,7 +56,9 @@ class ModelConfig:
     pool_min: int = 2  # EMO training: pool size drawn uniformly in [pool_min, pool_max] per document
     pool_max: int = 15
     pool_eval: int = 0  # EMO in eval mode: fixed pool size, 0 routes token by token
-    doc_attention: bool = False  # mask attention within documents (the release does for EMO)
+    doc_attention: bool = False  # mask attention within documents in training (the release does for EMO)
+    eval_doc_attention: bool = True  # and in eval mode too; the release serves causal only: Hugging Face folders
+    #                                  load with False (hf.load_hf)
     lb_weight: float = 0.1  # load-balancing loss, global batch
     z_weight: float = 0.001  # router z-loss
     lm_z_weight: float = 0.0  # LM-head z-loss (1e-5 in the release)
@@ -210,13 +211,24 @@ class MoE(nn.Module):
         self.router = Router(cfg, E)
         self.w_up_gate = nn.Parameter(torch.empty(E, C, 2 * H))  # gate then up projection, input x output
         self.w_down = nn.Parameter(torch.empty(E, H, C))
+        self.decoding = False  # laid out for decoding (EMO.for_decoding)
 
     def forward(self, x, doc_ids):
         """x (B, T, C), doc_ids (B, T) or None (token routing) -> (MoE output (B, T, C), Routing)."""
         B, T, C = x.shape
         routing = self.router(x.view(-1, C), None if doc_ids is None else doc_ids.flatten())
-        y = moe_mlp(x.view(-1, C), self.w_up_gate, self.w_down, routing.weights, routing.experts)  # (N, C)
+        y = moe_mlp(x.view(-1, C), self.w_up_gate, self.w_down, routing.weights, routing.experts,
+                    self.decoding)  # (N, C)
         return y.view(B, T, C), routing
+
+    @torch.no_grad()
+    def for_decoding(self):
+        """The same weights stored output x input (shapes and values unchanged, the strides of a transpose), so
+        that a token's product with an expert reads its rows in order; decoding then takes moe_mlp_decode."""
+        for name in ("w_up_gate", "w_down"):
+            stored = getattr(self, name).transpose(1, 2).contiguous()  # (E, out, in)
+            setattr(self, name, nn.Parameter(stored.transpose(1, 2), requires_grad=False))
+        self.decoding = True
 
 
 class Block(nn.Module):
@@ -280,9 +292,10 @@ class EMO(nn.Module):
         T = idx.shape[1]
         start, all_tokens = (0, idx) if cache is None else cache.add_tokens(idx)
         all_doc_ids = document_ids(all_tokens, self.cfg.eos_id)  # (B, S)
+        within = self.cfg.doc_attention and (self.training or self.cfg.eval_doc_attention)
         attn_mask = None  # causal attention, the fast path
-        if self.cfg.doc_attention or cache is not None:
-            attn_mask = attention_mask(all_doc_ids, T, self.cfg.doc_attention)
+        if within or cache is not None:
+            attn_mask = attention_mask(all_doc_ids, T, within)
         cos, sin = rope_tables(self.cfg.d_model // self.cfg.n_head, T, self.cfg.rope_theta, idx.device, start)
         doc_ids = all_doc_ids if cache is None else None  # a cache holds no whole documents to pool over
         return self.embed(idx), cos, sin, attn_mask, doc_ids
@@ -318,6 +331,13 @@ class EMO(nn.Module):
         loss = lm + self.cfg.lb_weight * stats["lb_loss"] + self.cfg.z_weight * stats["z_loss"]
         return loss, stats
 
+    def for_decoding(self):
+        """Every MoE's weights laid out for decoding (MoE.for_decoding): the same model, faster a token at a
+        time. Returns the model."""
+        for block in self.layers:
+            block.moe.for_decoding()
+        return self
+
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, sample_top_k=None, use_cache=True):
         """Sample max_new_tokens after idx (B, T) in eval mode (token routing, as the release at inference).
@@ -351,8 +371,7 @@ def pick_token(logits, temperature, sample_top_k):
     return torch.multinomial(logits.softmax(-1), num_samples=1)
 
 
-# The three ways a model routes: training draws EMO's pools, eval mode routes token by token (or with pools of
-# pool_eval), and fine-tuning after pruning trains with token routing (token_routing).
+# Routing follows the mode: training draws pools, eval mode routes by token, fine-tuning uses token_routing.
 
 @contextmanager
 def eval_mode(model):

@@ -40,7 +40,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from calibration import argument_texts, text_arguments, text_source
+from calibration import argument_texts, text_arguments, text_source, text_split
 from checkpoint import load_model, model_config, model_name, save_checkpoint
 from data.tokenizer import from_record
 from errors import UserError, run_command
@@ -241,15 +241,25 @@ def prune_composed(model, calibrations, keep, method, seed=0, compose="union"):
                                                         n_layer * (keep - n_shared))
         layers = [keep_best(block.moe, layer_scores, n, compose)
                   for block, layer_scores, n in zip(model.layers, scores, routed_counts)]
-    model.cfg = pruned_config(model.cfg, [block.moe.w_up_gate.shape[0] for block in model.layers])
+    set_pruned_config(model)
     return layers
 
 
 def pruned_config(cfg, sizes):
-    """The config of cfg's model pruned to sizes experts per layer (shared included)."""
+    """The config of cfg's model pruned to sizes experts per layer (shared included). top_k becomes at most the
+    smallest layer's count, as the release's variable-count pruning writes it: its code takes one top_k for
+    every layer, so that a layer below it would fail there."""
     uniform = len(set(sizes)) == 1
-    return dataclasses.replace(cfg, n_experts=max(sizes), top_k=min(cfg.top_k, max(sizes)),
+    return dataclasses.replace(cfg, n_experts=max(sizes), top_k=min(cfg.top_k, min(sizes)),
                                experts_per_layer=() if uniform else tuple(sizes))
+
+
+def set_pruned_config(model):
+    """After its layers were sliced: model's config for the experts each layer now has, and every router's top_k
+    (lowered where a layer keeps fewer experts than it: pruned_config)."""
+    model.cfg = pruned_config(model.cfg, [block.moe.w_up_gate.shape[0] for block in model.layers])
+    for block in model.layers:
+        block.moe.router.top_k = model.cfg.top_k
 
 
 def prune(model, batches, keep, method, seed=0):
@@ -320,9 +330,9 @@ def main(argv=None):
     layers = in_original_ids(layers, ckpt)
     n_examples = sum(len(idx) for batches in calibrations for idx, _ in batches)  # calibration sequences
     record = {"domain": domain, "keep": keep, "original_n_experts": n_original, "method": args.method,
-              **({"compose": args.compose} if len(domains) > 1 else {}),
-              "calibration": calibration, "calib_examples": n_examples,
-              "source": source, "layers": layers}
+              **({"compose": args.compose} if len(domains) > 1 else {}), "calibration": calibration,
+              "split": text_split(args), "calib_examples": n_examples, "seed": args.seed, "source": source,
+              "layers": layers}
     out = args.out or os.path.join("out", "pruned", model_name(args.ckpt), f"{domain}-keep{keep}-{args.method}")
     save_checkpoint(out + ".pt", {"model_config": dataclasses.asdict(model.cfg), "model": model.state_dict(),
                                   "step": ckpt.get("step"), "pruning": record, "tokenizer": ckpt.get("tokenizer")})

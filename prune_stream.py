@@ -22,30 +22,29 @@ import os
 import torch
 from safetensors.torch import save_file
 
-from calibration import argument_texts, text_arguments, text_source
+from calibration import argument_texts, text_arguments, text_source, text_split
 from checkpoint import is_hf_checkpoint, load_checkpoint, model_config
 from data.tokenizer import from_record, tokenizer_record
 from errors import UserError, run_command
 from files import atomic_folder, check_target
-from hf import (DTYPES, OUTSIDE_LAYERS, TensorFiles, block_tensors, config_from_hf, load_block, read_json, read_pruning,
-                write_metadata)
+from hf import (OUTSIDE_LAYERS, TensorFiles, block_tensors, checkpoint_dtype, config_from_hf, load_block, read_json,
+                read_pruning, write_metadata)
 from model import EMO, Block
 from prune import greedy_layer, keep_count, parse_keep, pruned_config
 
 
 class HFLayers:
-    """A release-format folder read a layer at a time. Its files are memory-mapped anew for each read and
-    unmapped after, so that the pages read do not stay in the process's resident set."""
+    """A release-format folder read a layer at a time (hf.TensorFiles maps a file only for each read, so that
+    the pages read do not stay in the process's resident set)."""
 
     def __init__(self, folder):
         hf = read_json(os.path.join(folder, "config.json"))
         previous = read_pruning(folder)
         if previous:
             raise UserError(f"{folder} is already pruned: stream the original model ({previous['source']})")
-        self.folder = folder
         self.cfg = config_from_hf(hf, os.path.basename(os.path.normpath(folder)))
-        self.dtype = DTYPES.get(hf.get("torch_dtype"), torch.float32)
-        TensorFiles(folder)  # a missing index or file is named now, before any work
+        self.dtype = checkpoint_dtype(hf)
+        self.tensors = TensorFiles(folder)  # a missing or damaged file is named now, before any work
         tokenizer = os.path.join(folder, "tokenizer.json")
         self.tokenizer = tokenizer_record(tokenizer) if os.path.exists(tokenizer) else None
 
@@ -53,10 +52,10 @@ class HFLayers:
         """A tensor outside the layers by its nanoEMO name (embed.weight, norm.weight, lm_head.weight)."""
         hf_name = next(hf for hf, ours in OUTSIDE_LAYERS if ours == name)
         shape = (self.cfg.d_model,) if name == "norm.weight" else (self.cfg.vocab_size, self.cfg.d_model)
-        return TensorFiles(self.folder).get(hf_name, shape)
+        return self.tensors.get(hf_name, shape)
 
     def fill(self, block, i):
-        load_block(TensorFiles(self.folder), block, i)
+        load_block(self.tensors, block, i)
 
 
 class CheckpointLayers:
@@ -85,7 +84,7 @@ def stream_prune(source, batches, keep, folder, device="cpu"):
     cfg = source.cfg
     compute = torch.float32 if torch.device(device).type == "cpu" else source.dtype
     with torch.device("meta"):
-        skeleton = EMO(cfg)  # only its embedding is filled: layer_inputs
+        skeleton = EMO(cfg).eval()  # only its embedding is filled: layer_inputs, as in eval mode
     skeleton.embed = torch.nn.Embedding.from_pretrained(source.outside("embed.weight").to(device, compute))
     states = [[skeleton.layer_inputs(idx.to(device)) for idx, _ in batches]]
     scored = [[mask.flatten().to(device) for _, mask in batches]]
@@ -130,7 +129,8 @@ def main(argv=None):
     with atomic_folder(args.out, args.replace) as tmp:
         pruned, layers, weight_map = stream_prune(source, batches, keep, tmp, args.device)
         record = {"domain": domain, "keep": keep, "original_n_experts": source.cfg.n_experts, "method": "greedy",
-                  "calibration": calibration, "source": args.ckpt, "layers": layers}
+                  "calibration": calibration, "split": text_split(args), "calib_examples": sum(len(idx) for idx, _ in batches),
+                  "source": args.ckpt, "layers": layers}
         write_metadata(tmp, pruned, source.dtype, weight_map, from_record(source.tokenizer), record)
     print(f"kept {keep} of {source.cfg.n_experts} experts per layer for {domain!r} (greedy, streamed) -> {args.out}")
 

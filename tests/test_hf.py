@@ -4,7 +4,6 @@ forward, the release's training settings, and clear errors on malformed checkpoi
     python -m pytest tests/test_hf.py -q
 """
 
-import dataclasses
 import json
 import math
 import os
@@ -116,14 +115,35 @@ def test_release_format_loads_and_matches_a_reference_forward(tmp_path):
     one_document = torch.tensor([3, 17, 12, 8, 22, 40, 1, 9])
     logits = model(one_document[None])[0]
     torch.testing.assert_close(logits, reference_forward(tensors, one_document), rtol=1e-4, atol=1e-4)
-    # across an EOS the loaded model keeps EMO's training mask (attention within documents); the reference,
-    # like the release's inference code, attends across documents
-    two_documents = torch.tensor([3, 17, 49, 8, 22, 40, 1, 9])
-    model.cfg = dataclasses.replace(model.cfg, doc_attention=False)
-    torch.testing.assert_close(model(two_documents[None])[0],
-                               reference_forward(tensors, two_documents), rtol=1e-4, atol=1e-4)
     # the generic loader recognises the folder
     assert torch.equal(load_model(folder)[0](one_document[None])[0], logits)
+
+
+def test_a_release_folder_computes_as_the_release_code_across_documents(tmp_path):
+    """EMO trains with attention masked within documents, but the release's code serves with a causal mask:
+    by default a Hugging Face folder does the same on a prompt with an EOS inside (and in generation); with
+    eval_doc_attention=True it masks within documents at inference too, and differs after the EOS."""
+    tensors = release_tensors()
+    folder = write_release(tmp_path / "release", tensors, release_config())
+    model = load_hf(folder)
+    assert model.cfg.doc_attention and not model.cfg.eval_doc_attention  # trains masked, serves causal
+    two_documents = torch.tensor([3, 17, 49, 8, 22, 40, 1, 9])
+    reference = reference_forward(tensors, two_documents)
+    torch.testing.assert_close(model(two_documents[None])[0], reference, rtol=1e-4, atol=1e-4)
+    masked = load_hf(folder, eval_doc_attention=True)(two_documents[None])[0]
+    torch.testing.assert_close(masked[:3], reference[:3], rtol=1e-4, atol=1e-4)  # the first document alike
+    assert not torch.allclose(masked[3:], reference[3:], rtol=1e-2, atol=1e-2)
+    prompt = two_documents[None, :5]
+    greedy = [int(reference_forward(tensors, two_documents[:5])[-1].argmax())]
+    assert model.generate(prompt, 1, temperature=0)[0, -1].item() == greedy[0]  # cached decoding likewise
+
+
+def test_the_dtype_is_read_from_either_key(tmp_path):
+    """transformers writes "dtype" since 4.56, "torch_dtype" before: both are read."""
+    tensors = {k: v.bfloat16() for k, v in release_tensors().items()}
+    for key in ("dtype", "torch_dtype"):
+        folder = write_release(tmp_path / key, tensors, release_config(**{key: "bfloat16"}))
+        assert next(load_hf(folder).parameters()).dtype == torch.bfloat16
 
 
 def test_checkpoint_dtype_is_kept_unless_asked(tmp_path):
@@ -134,9 +154,10 @@ def test_checkpoint_dtype_is_kept_unless_asked(tmp_path):
 
 
 def tiny_model():
+    """A small model that attends causally at inference, as every Hugging Face folder loads."""
     torch.manual_seed(0)
     cfg = ModelConfig(vocab_size=V, eos_id=49, seq_len=16, n_layer=3, n_head=NH, d_model=C, n_experts=8,
-                      n_shared=1, top_k=3, expert_hidden=H, rope_theta=500000.0)
+                      n_shared=1, top_k=3, expert_hidden=H, rope_theta=500000.0, eval_doc_attention=False)
     return EMO(cfg).eval()
 
 

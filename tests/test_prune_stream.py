@@ -44,7 +44,8 @@ def test_streamed_from_a_hugging_face_folder_equals_pruning_in_memory(tmp_path, 
     source = prune_stream.HFLayers(str(tmp_path / "full"))
     os.makedirs(tmp_path / "streamed")
     cfg, layers, weight_map = prune_stream.stream_prune(source, calibration(), keep, str(tmp_path / "streamed"))
-    reference, reference_layers = in_memory(model, calibration(), keep)
+    # the folder's model, as it loads (attending causally at inference, as the release)
+    reference, reference_layers = in_memory(load_hf(str(tmp_path / "full")), calibration(), keep)
     assert layers == reference_layers and cfg == reference.cfg
     prune_stream.write_metadata(str(tmp_path / "streamed"), cfg, torch.float32, weight_map)
     streamed = load_hf(str(tmp_path / "streamed"))
