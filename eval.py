@@ -15,6 +15,7 @@ scored (the prompt of a prompt/answer example) are context only.
 """
 
 import argparse
+import dataclasses
 import json
 import math
 
@@ -28,6 +29,17 @@ from data.corpus import Corpus
 from data.user import evaluation_text, named_paths
 from errors import UserError, run_command
 from model import eval_mode
+
+
+def set_pool_eval(model, pool_eval):
+    """Route in eval mode with pools of pool_eval experts per document (0: token by token, as the release at
+    inference), as the release's in-loop evaluator does (pools of 32 of 128). Returns the model."""
+    if not 0 <= pool_eval <= max(model.cfg.layer_experts()):
+        raise UserError(f"--pool_eval {pool_eval}: give 0 (token routing) up to the {model.cfg.n_experts} experts")
+    model.cfg = dataclasses.replace(model.cfg, pool_eval=pool_eval)
+    for block in model.layers:
+        block.moe.router.pool_eval = pool_eval
+    return model
 
 
 def domain_windows(tokens, seq_len, max_tokens, scored=None):
@@ -135,6 +147,9 @@ def main(argv=None):
     parser.add_argument("--tokenizer", default="", help="for --data or --benchmark when the checkpoint records none")
     parser.add_argument("--max_tokens", type=int, default=16384, help="evaluation tokens per domain")
     parser.add_argument("--batch_size", type=int, default=16)
+    parser.add_argument("--pool_eval", type=int, default=None, help="route with pools of this many experts per "
+                        "document, as the release's in-loop evaluator (0: token by token, as at inference; default: "
+                        "the model's own)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", default="", help="also write the results here as JSON: {model: {benchmark or "
                         "domain: ...}}")
@@ -151,6 +166,8 @@ def main(argv=None):
     everything = {}
     for path in args.paths:
         model, ckpt = load_model(path, device)
+        if args.pool_eval is not None:
+            set_pool_eval(model, args.pool_eval)
         results = evaluate(model, ckpt, path, args, benchmarks, corpus, device)
         (print_benchmark_results if benchmarks else print_results)(model_name(path), model, results)
         everything[model_name(path)] = results

@@ -57,9 +57,9 @@ class ModelConfig:
     pool_max: int = 15
     pool_eval: int = 0  # EMO in eval mode: fixed pool size, 0 routes token by token
     doc_attention: bool = False  # mask attention within documents in training (the release does for EMO)
-    eval_doc_attention: bool = True  # and in eval mode too; the release serves causal only: Hugging Face folders
-    #                                  load with False (hf.load_hf)
+    eval_doc_attention: bool = True  # in eval mode too (the release serves causally: Hugging Face folders, False)
     lb_weight: float = 0.1  # load-balancing loss, global batch
+    lb_scope: str = "micro_batch"  # balance each micro-batch (the release) or a 'step' (counts carried over)
     z_weight: float = 0.001  # router z-loss
     lm_z_weight: float = 0.0  # LM-head z-loss (1e-5 in the release)
     init_std: float = 0.02
@@ -75,6 +75,7 @@ class ModelConfig:
             (self.n_shared < self.top_k <= self.n_experts,
              f"top_k {self.top_k} must exceed n_shared {self.n_shared} and be at most n_experts {self.n_experts}"),
             (self.router in ("emo", "std"), f"router must be 'emo' or 'std', got {self.router!r}"),
+            (self.lb_scope in ("micro_batch", "step"), f"lb_scope must be micro_batch or step, got {self.lb_scope!r}"),
             (1 <= self.pool_min <= self.pool_max,
              f"need 1 <= pool_min <= pool_max, got {self.pool_min}, {self.pool_max}"),
             (self.pool_eval >= 0, f"pool_eval must be >= 0, got {self.pool_eval}"),

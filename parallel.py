@@ -1,7 +1,7 @@
 """
-Scale for train.py: the process group torchrun asks for, the model wrapped in DDP or sharded with FSDP2,
-activation checkpointing, and the few collectives the loop needs beside those in the model (router.py
-all-reduces its expert counts itself).
+Scale for train.py: the process group torchrun asks for, the devices' peak FLOP/s (for MFU), the model wrapped
+in DDP or sharded with FSDP2, activation checkpointing, and the few collectives the loop needs beside those in
+the model (router.py all-reduces its expert counts itself).
 
     rank, world, device = setup_distributed(cfg)          # (0, 1, device) without torchrun
     model, raw = build_model(model_cfg, cfg, device, world, torch.bfloat16)
@@ -32,6 +32,18 @@ def setup_distributed(cfg):
         torch.cuda.set_device(local_rank)
         return rank, world, torch.device("cuda", local_rank)
     return rank, world, torch.device("cpu")
+
+
+# bf16 dense peak FLOP/s per device, for MFU
+PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12, "4090": 165e12}
+
+
+def peak_flops(device, given=0.0):
+    """The device's peak FLOP/s for MFU: given, else looked up from the GPU's name (0: unknown, e.g. a CPU)."""
+    if given or device.type != "cuda":
+        return given
+    name = torch.cuda.get_device_name(device)
+    return next((flops for gpu, flops in PEAK_FLOPS.items() if gpu in name), 0.0)
 
 
 def checkpoint_blocks(model):

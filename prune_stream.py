@@ -13,7 +13,8 @@ experts kept are those of prune.py's greedy method on the whole model in memory 
 --ckpt is a Hugging Face folder (the release's format) or a nanoEMO checkpoint; the output is a
 Hugging Face folder (one shard per layer, with config.json, pruning.json and tokenizer.json), written beside
 OUT and renamed to OUT when complete (files.atomic_folder), so that a run that fails half-way (a full disk)
-leaves no half-written model; an OUT that holds anything is refused unless --replace. On a CPU the layers compute in float32, whatever the checkpoint's dtype; the shards keep it.
+leaves no half-written model; an OUT that holds anything is refused unless --replace. On a CPU the layers
+compute in float32, whatever the checkpoint's dtype; the shards keep it.
 """
 
 import argparse
@@ -129,8 +130,8 @@ def main(argv=None):
     with atomic_folder(args.out, args.replace) as tmp:
         pruned, layers, weight_map = stream_prune(source, batches, keep, tmp, args.device)
         record = {"domain": domain, "keep": keep, "original_n_experts": source.cfg.n_experts, "method": "greedy",
-                  "calibration": calibration, "split": text_split(args), "calib_examples": sum(len(idx) for idx, _ in batches),
-                  "source": args.ckpt, "layers": layers}
+                  "calibration": calibration, "split": text_split(args),
+                  "calib_examples": sum(len(idx) for idx, _ in batches), "source": args.ckpt, "layers": layers}
         write_metadata(tmp, pruned, source.dtype, weight_map, from_record(source.tokenizer), record)
     print(f"kept {keep} of {source.cfg.n_experts} experts per layer for {domain!r} (greedy, streamed) -> {args.out}")
 

@@ -57,22 +57,23 @@ def expert_counts(probs, routed_experts, n_routed):
     return probs.new_zeros(n_routed).index_add_(0, routed_experts.flatten(), used)
 
 
-def load_balancing_loss(probs, counts, k_routed):
+def load_balancing_loss(probs, counts, k_routed, carried=None):
     """Switch-style load-balancing loss over the data-parallel batch: 1.0 for perfectly uniform routing.
 
     probs (N, Er) router probabilities, counts (Er,) this rank's tokens per expert (expert_counts).
     loss = Er / kr * sum_e f_e * p_e, with f_e the fraction of tokens sent to expert e (sums to kr) counted
     over all data-parallel ranks of this micro-batch (the counts and the token count are all-reduced, as in
-    the release), and p_e this rank's mean probability of e (which carries the gradient).
-    Returns the loss and the counts summed over ranks (Er,).
+    the release), and p_e this rank's mean probability of e (which carries the gradient). carried (Er + 1,),
+    the counts and token count of the step's earlier micro-batches (lb_scope 'step'), adds them to f_e's.
+    Returns the loss and this micro-batch's counts summed over ranks (Er,).
     """
     N, Er = probs.shape
     counts_and_total = torch.cat([counts, probs.new_full((1,), N)])  # (Er + 1,) all-reduced together
     if dist.is_initialized():
         dist.all_reduce(counts_and_total)  # balance is asked of all ranks' tokens, not of one rank's
-    counts, n_tokens = counts_and_total[:-1], counts_and_total[-1]
-    fraction = counts / n_tokens  # (Er,)
-    return Er / k_routed * (fraction * probs.mean(0)).sum(), counts
+    seen = counts_and_total if carried is None else counts_and_total + carried
+    fraction = seen[:-1] / seen[-1]  # (Er,)
+    return Er / k_routed * (fraction * probs.mean(0)).sum(), counts_and_total[:-1]
 
 
 def z_loss(logits):
@@ -104,6 +105,7 @@ class Router(nn.Module):
         self.gate = nn.Linear(cfg.d_model, n_experts, bias=False)  # one logit per expert, shared experts last
         self.n_shared, self.top_k = cfg.n_shared, cfg.top_k
         self.kind, self.pool_min, self.pool_max, self.pool_eval = cfg.router, cfg.pool_min, cfg.pool_max, cfg.pool_eval
+        self.carried = None  # (Er + 1,) counts and tokens of the step's earlier micro-batches (train.py sets it)
 
     @property
     def n_routed(self):
@@ -150,7 +152,7 @@ class Router(nn.Module):
         counts = expert_counts(probs, experts, self.n_routed)
         lb_loss = probs.new_zeros(())
         if self.training and torch.is_grad_enabled():  # evaluation and no-grad passes skip the all-reduce
-            lb_loss, counts = load_balancing_loss(probs, counts, self.k_routed)
+            lb_loss, counts = load_balancing_loss(probs, counts, self.k_routed, self.carried)
         shared = torch.arange(self.n_routed, self.n_routed + self.n_shared, device=x.device)
         experts = torch.cat([experts, shared.expand(N, -1)], dim=1)  # (N, K)
         weights = torch.cat([weights, weights.new_ones(N, self.n_shared)], dim=1)  # (N, K)

@@ -41,7 +41,7 @@ from eval import evaluate_domains
 from files import RunLock
 from kernels import expert_path
 from model import EMO, ModelConfig
-from parallel import any_rank, build_model, leave_process_group, setup_distributed
+from parallel import any_rank, build_model, leave_process_group, peak_flops, setup_distributed
 
 
 @dataclass
@@ -101,18 +101,6 @@ class TrainConfig:
         if self.init_from != "resume" and os.path.exists(checkpoint):
             raise UserError(f"{self.out_dir} already holds a run ({checkpoint}): continue it with --init_from=resume, "
                             "or give another out_dir")
-
-
-# bf16 dense peak FLOP/s per device, for MFU
-PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12, "4090": 165e12}
-
-
-def peak_flops(device, given=0.0):
-    """The device's peak FLOP/s for MFU: given, else looked up from the GPU's name (0: unknown, e.g. a CPU)."""
-    if given or device.type != "cuda":
-        return given
-    name = torch.cuda.get_device_name(device)
-    return next((flops for gpu, flops in PEAK_FLOPS.items() if gpu in name), 0.0)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -262,8 +250,11 @@ def train_step(run):
     model.train()
     sums = {}  # name: the micro-batches' summed scalar
     counts = [0] * run.model_cfg.n_layer  # per layer, (Er,) tokens per routed expert
+    carried = [0] * run.model_cfg.n_layer  # lb_scope 'step': per layer, the earlier micro-batches' counts, tokens
     for micro in range(cfg.grad_accum):
         x, y = (t.to(device, non_blocking=True) for t in run.windows.next_batch())
+        for block, seen in zip(run.raw.layers, carried):
+            block.moe.router.carried = seen if run.model_cfg.lb_scope == "step" and micro > 0 else None
         sync = micro == cfg.grad_accum - 1  # reduce gradients on the last micro-batch only
         if run.world > 1 and cfg.parallel == "ddp":
             model.require_backward_grad_sync = sync
@@ -275,6 +266,8 @@ def train_step(run):
         for name, value in {"loss": loss, **{k: stats[k] for k in STEP_STATS}}.items():
             sums[name] = sums[name] + value.detach() if name in sums else value.detach()
         counts = [total + c for total, c in zip(counts, stats["expert_counts"])]
+        tokens = torch.tensor([x.numel() * run.world], device=device, dtype=torch.float32)
+        carried = [seen + torch.cat([c.detach(), tokens]) for seen, c in zip(carried, stats["expert_counts"])]
     means = torch.stack(list(sums.values())) / cfg.grad_accum  # one tensor: one all-reduce
     if run.world > 1:
         dist.all_reduce(means)

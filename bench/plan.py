@@ -30,8 +30,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from configurator import parse_args  # noqa: E402
 from lm_loss import chunk_rows  # noqa: E402
 from model import EMO, ModelConfig  # noqa: E402
-from parallel import checkpoint_blocks  # noqa: E402
-from train import PEAK_FLOPS, TrainConfig  # noqa: E402
+from parallel import PEAK_FLOPS, checkpoint_blocks  # noqa: E402
+from train import TrainConfig  # noqa: E402
 
 GIB = 2 ** 30
 

@@ -22,8 +22,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from configurator import parse_args  # noqa: E402
 from kernels import expert_path  # noqa: E402
 from model import ModelConfig  # noqa: E402
-from parallel import build_model, setup_distributed  # noqa: E402
-from train import TrainConfig, configure_optimizer, peak_flops  # noqa: E402
+from parallel import build_model, peak_flops, setup_distributed  # noqa: E402
+from train import TrainConfig, configure_optimizer  # noqa: E402
 
 
 @dataclass

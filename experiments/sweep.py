@@ -28,7 +28,7 @@ from checkpoint import checkpoint_paths, checkpoint_tokenizer, load_model, model
 from data.corpus import Corpus
 from data.user import document_batches, evaluation_text, named_paths, user_batches
 from errors import UserError, run_command
-from eval import evaluate_text
+from eval import evaluate_text, set_pool_eval
 from experiments.report import write_sweep
 from prune import METHODS, expert_scores, keep_count, prune
 from tasks import task_accuracy, task_items
@@ -119,6 +119,8 @@ def main(argv=None):
     parser.add_argument("--calib_docs", type=int, default=16, help="calibration examples per domain")
     parser.add_argument("--max_tokens", type=int, default=16384, help="evaluation tokens per domain")
     parser.add_argument("--batch_size", type=int, default=16)
+    parser.add_argument("--pool_eval", type=int, default=None, help="evaluate with pools of this many experts "
+                        "per document (0: token by token; default: the model's own)")
     parser.add_argument("--out", default="out/sweep", help="where the table and plots are written")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
@@ -134,6 +136,9 @@ def main(argv=None):
     device = torch.device(args.device)
     loaded = {model_name(path): load_model(path, device) for path in paths}
     models = {name: model for name, (model, _) in loaded.items()}
+    if args.pool_eval is not None:
+        for model in models.values():
+            set_pool_eval(model, args.pool_eval)
     first, first_ckpt = next(iter(loaded.values()))
     if any((m.cfg.vocab_size, m.cfg.eos_id) != (first.cfg.vocab_size, first.cfg.eos_id) for m in models.values()):
         raise UserError("the models of a sweep must share a vocabulary and EOS: they are evaluated on the same tokens")

@@ -194,6 +194,24 @@ def test_load_balancing_loss_is_one_when_uniform():
     assert loss.item() == 1.0
 
 
+def test_counts_carried_over_a_step_equal_counting_its_micro_batches_together():
+    """lb_scope 'step': a micro-batch's loss takes f_e over every micro-batch of the step so far (the earlier
+    ones' counts carried, detached) and p_e over its own tokens: the direct computation over both."""
+    cfg = ModelConfig(d_model=8, n_experts=9, n_shared=1, top_k=3, router="std")
+    router = Router(cfg, 9).train()
+    first, second = torch.randn(40, 8), torch.randn(24, 8)
+    a = router(first, None)
+    router.carried = torch.cat([a.expert_counts, torch.tensor([40.0])])
+    b = router(second, None)
+    probs_a, probs_b = router.logits(first).softmax(-1), router.logits(second).softmax(-1)
+    counts = expert_counts(probs_a, a.experts[:, :2], 8) + expert_counts(probs_b, b.experts[:, :2], 8)
+    direct = 8 / 2 * (counts / 64 * probs_b.mean(0)).sum()
+    torch.testing.assert_close(b.lb_loss, direct)
+    router.carried = None
+    alone = router(second, None).lb_loss  # the micro-batch balanced on its own (lb_scope 'micro_batch')
+    assert not torch.allclose(alone, direct)
+
+
 def test_z_loss_formula():
     logits = torch.tensor([[0.0, 0.0], [1.0, 2.0]])
     expected = (math.log(2) ** 2 + math.log(math.e + math.e ** 2) ** 2) / 2
