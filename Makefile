@@ -8,13 +8,15 @@
 #              as is and fine-tuned, memory-matched baselines trained from scratch, selection methods, calibration
 #              size, composition; experiments/analyze.py: specialization): results/tiny_cpu/paper/ (tables.md,
 #              specialization.md, domain_similarity.png), rows in out/paper/.
+#   make regime: the regime where sparsity pays (config/*_micro.py, scripts/regime.sh): the premise with two seeds,
+#              the gaps against tokens, EMO's retention against models trained from scratch: results/micro_cpu/.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 SHELL := bash
 .SHELLFLAGS := -eo pipefail -c
 
-.PHONY: test demo corpus paper
+.PHONY: test demo corpus paper regime
 
 # glibc hands freed buffers of more than a few MB back to the system, and every training step then page-faults
 # its activations in afresh; keeping them (mmap threshold 32 MB, no trimming below 16 GB) made the demo's CPU
@@ -64,3 +66,6 @@ paper: corpus
 	$(PY) -m experiments.report --paper out/paper/emo_tiny,out/paper/std_tiny,out/paper/baselines \
 		--out results/tiny_cpu/paper
 	$(PY) -m experiments.analyze --ckpt out/emo_tiny,out/std_tiny --out results/tiny_cpu/paper
+
+regime: $(VENV)/installed
+	bash scripts/regime.sh

@@ -55,3 +55,26 @@ def test_full_config_parameter_counts():
           f"({(active - embeddings) / 1e9:.3f}B without embedding and LM head)")
     assert total == pytest.approx(13.57e9, rel=1e-3)
     assert active - embeddings == pytest.approx(1.08e9, rel=1e-2)
+
+
+def test_micro_twins_differ_only_where_they_should():
+    """The regime's family: the standard MoE differs from EMO in the router only; the 1/8-experts model in its
+    experts; the dense model has EMO's active FFN (top_k experts of expert_hidden) as one expert."""
+    configs = {name: parse_args([f"{ROOT}/config/{name}.py"], TrainConfig, ModelConfig)[0]
+               for name in ("emo_micro", "std_micro", "std_micro_e8", "dense_micro")}
+    (emo_train, emo), (std_train, std) = configs["emo_micro"], configs["std_micro"]
+    assert dataclasses.replace(std, router="emo") == emo and emo.n_experts / emo.top_k == 16
+    assert dataclasses.replace(std_train, out_dir=emo_train.out_dir) == emo_train
+    e8, dense = configs["std_micro_e8"][1], configs["dense_micro"][1]
+    assert dataclasses.replace(e8, n_experts=emo.n_experts, pool_max=emo.pool_max) == std and e8.n_experts == 8
+    assert dense.n_experts == 1 and dense.expert_hidden == emo.top_k * emo.expert_hidden
+
+
+@pytest.mark.parametrize("config", ["emo_micro", "std_micro", "std_micro_e8", "dense_micro"])
+def test_micro_configs_build_and_train_a_step(tiny_corpus, tmp_path, config):
+    """Each trains a step on the tests' corpus (its vocabulary and a shorter sequence given on the command line)."""
+    from train import train
+    _, history = train([f"{ROOT}/config/{config}.py", f"--data_dir={tiny_corpus[0]}", "--vocab_size=320",
+                        "--eos_id=319", "--seq_len=32", "--batch_size=2", "--max_steps=1", "--warmup_steps=0",
+                        "--eval_tokens=64", f"--out_dir={tmp_path / config}"])
+    assert len(history) == 1 and history[0]["loss"] > 0 and "val" in history[0]

@@ -1,0 +1,203 @@
+"""
+The regime where sparsity pays (make regime, config/*_micro.py): first the paper's premise, then its comparison.
+
+    premise      does the standard MoE beat the dense model with the same active FFN, and the standard MoE with
+                 1/8 of its experts, by more than the two seeds' spread? (final validation loss)
+    trend        the three gaps (standard MoE - dense, 1/8 experts - standard MoE, EMO - standard MoE) at three
+                 token budgets 4x apart: a token-budget effect shrinks or grows with tokens, a contradiction not
+    retention    EMO and the standard MoE pruned to 50/25/12.5/6.25% (the sweep), against the 1/8-experts model
+                 and the dense model trained from scratch, loss and task accuracy, mean ± half the range of seeds
+
+    python -m experiments.regime --runs out/regime --out results/micro_cpu
+
+--runs holds one folder per training, named MODEL_seedSEED_stepsSTEPS (scripts/regime.sh makes them), the
+sweeps in sweeps/MODEL_seedSEED and the baselines' rows in baselines_seedSEED (experiments/paper.py
+baselines). Writes regime.md, gaps.png and learning_curves.png.
+"""
+
+import argparse
+import json
+import os
+import re
+
+import torch
+
+from checkpoint import load_checkpoint, model_config
+from errors import UserError, run_command
+from experiments.report import mean, pyplot
+from model import EMO
+
+MODELS = ("emo_micro", "std_micro", "std_micro_e8", "dense_micro")
+GAPS = (("std_micro", "dense_micro"), ("std_micro_e8", "std_micro"), ("emo_micro", "std_micro"))
+RUN_NAME = re.compile(r"(?P<model>\w+?)_seed(?P<seed>\d+)_steps(?P<steps>\d+)$")
+
+
+def run_summary(folder):
+    """A finished run: parameters (all, embeddings included), tokens trained on, and its validation curve
+    [(tokens, mean validation loss over domains)]."""
+    ckpt = load_checkpoint(folder)
+    with torch.device("meta"):
+        total, _ = EMO(model_config(ckpt, folder)).num_params()
+    train = ckpt["train_config"]
+    tokens_per_step = train["batch_size"] * train["grad_accum"] * ckpt["model_config"]["seq_len"] * ckpt["world"]
+    if ckpt["step"] != train["max_steps"]:
+        raise UserError(f"{folder} stopped at step {ckpt['step']} of {train['max_steps']}: finish it first")
+    curve = [(r["step"] * tokens_per_step, mean(list(r["val"].values()))) for r in ckpt["history"] if "val" in r]
+    return {"params": total, "tokens": ckpt["step"] * tokens_per_step, "loss": curve[-1][1], "curve": curve}
+
+
+def read_runs(root):
+    """{(model, seed, steps): run_summary} of every finished run in root."""
+    runs = {}
+    for name in sorted(os.listdir(root)):
+        match = RUN_NAME.match(name)
+        if match and os.path.exists(os.path.join(root, name, "ckpt.pt")):
+            key = (match["model"], int(match["seed"]), int(match["steps"]))
+            runs[key] = run_summary(os.path.join(root, name))
+    if not runs:
+        raise UserError(f"no finished runs in {root}: run scripts/regime.sh first")
+    return runs
+
+
+def spread(values):
+    """(mean, half the range)."""
+    return mean(values), (max(values) - min(values)) / 2
+
+
+def premise(runs, steps, seeds):
+    """Per comparison (the standard MoE against the dense model and against 1/8 of its experts): the margin per
+    seed (other - standard MoE, paired by seed), its mean, each model's half-range over seeds, and the verdict:
+    holds when the standard MoE wins with every seed and the mean margin exceeds both half-ranges."""
+    rows = []
+    for other in ("dense_micro", "std_micro_e8"):
+        margins = [runs[(other, s, steps)]["loss"] - runs[("std_micro", s, steps)]["loss"] for s in seeds]
+        halves = [spread([runs[(m, s, steps)]["loss"] for s in seeds])[1] for m in ("std_micro", other)]
+        holds = min(margins) > 0 and mean(margins) > max(halves)
+        rows.append({"other": other, "margins": margins, "margin": mean(margins), "spreads": halves, "holds": holds})
+    return rows
+
+
+def budget_gaps(runs, seed):
+    """{budget steps: {gap name: value}} at every budget where the four models of seed have finished."""
+    budgets = sorted({steps for (_, s, steps) in runs if s == seed})
+    return {steps: {f"{a} - {b}": runs[(a, seed, steps)]["loss"] - runs[(b, seed, steps)]["loss"] for a, b in GAPS}
+            for steps in budgets if all((m, seed, steps) in runs for m in MODELS)}
+
+
+def retention_rows(root, seeds):
+    """(fraction -> {model: (loss mean, half-range, task mean, half-range)}) of the sweeps, and {baseline: same}."""
+    per_seed = {}
+    for model in ("emo_micro", "std_micro"):
+        for seed in seeds:
+            path = os.path.join(root, "sweeps", f"{model}_seed{seed}", "results.json")
+            if not os.path.exists(path):
+                raise UserError(f"no sweep at {path}: run scripts/regime.sh")
+            with open(path) as f:
+                for r in json.load(f):
+                    per_seed.setdefault((r["fraction"], model), {}).setdefault(seed, []).append(r)
+    for seed in seeds:
+        path = os.path.join(root, f"baselines_seed{seed}", "rows.json")
+        if not os.path.exists(path):
+            raise UserError(f"no baseline rows at {path}: run scripts/regime.sh")
+        with open(path) as f:
+            for r in json.load(f):
+                per_seed.setdefault((None, r["model"].split("_seed")[0]), {}).setdefault(seed, []).append(r)
+    table = {}
+    for key, seeds_rows in per_seed.items():
+        losses = [mean([r["loss"] for r in rows]) for rows in seeds_rows.values()]
+        tasks = [mean([r["task_accuracy"] for r in rows]) for rows in seeds_rows.values()]
+        table[key] = (*spread(losses), *spread(tasks))
+    return table
+
+
+def cell(values):
+    loss, loss_half, task, task_half = values
+    return f"{loss:.3f} ± {loss_half:.3f} ({100 * task:.1f} ± {100 * task_half:.1f}%)"
+
+
+def write_report(runs, root, out):
+    seeds = sorted({s for (_, s, _) in runs})
+    main = max(steps for (_, _, steps) in runs)
+    lines = ["## The runs", "", "| model | seed | steps | parameters | tokens | tokens per parameter | final "
+             "validation loss |", "|---|---|---|---|---|---|---|"]
+    for (model, seed, steps), r in sorted(runs.items(), key=lambda item: (MODELS.index(item[0][0]), *item[0][1:])):
+        lines.append(f"| {model} | {seed} | {steps} | {r['params'] / 1e6:.3f}M | {r['tokens'] / 1e6:.2f}M | "
+                     f"{r['tokens'] / r['params']:.1f} | {r['loss']:.4f} |")
+    lines += ["", f"## The premise ({main} steps, seeds {', '.join(map(str, seeds))})", "",
+              "| standard MoE against | margin per seed (its loss - the standard MoE's) | mean margin | half-range "
+              "of the two models' losses | holds |", "|---|---|---|---|---|"]
+    for p in premise(runs, main, seeds):
+        lines.append(f"| {p['other']} | {', '.join(f'{m:+.4f}' for m in p['margins'])} | {p['margin']:+.4f} | "
+                     f"{p['spreads'][0]:.4f}, {p['spreads'][1]:.4f} | {'holds' if p['holds'] else 'does not hold'} |")
+    lines += ["", "Holds: the standard MoE is better with every seed and the mean margin exceeds both models' "
+              "half-ranges over the seeds.", "", f"## The gaps against tokens (seed {seeds[0]})", "",
+              "| steps | tokens | " + " | ".join(f"{a} - {b}" for a, b in GAPS) + " |", "|---" * (2 + len(GAPS)) + "|"]
+    gaps = budget_gaps(runs, seeds[0])
+    for steps, values in gaps.items():
+        tokens = runs[("std_micro", seeds[0], steps)]["tokens"]
+        lines.append(f"| {steps} | {tokens / 1e6:.2f}M | " + " | ".join(f"{v:+.4f}" for v in values.values()) + " |")
+    table = retention_rows(root, seeds)
+    fractions = sorted({f for f, _ in table if f is not None}, reverse=True)
+    lines += ["", f"## Retention against models trained from scratch (loss (task accuracy), mean ± half-range of "
+              f"{len(seeds)} seeds, average over domains)", "",
+              "| experts kept | EMO pruned | standard MoE pruned |", "|---|---|---|"]
+    for f in fractions:
+        lines.append(f"| {f:.2%} | {cell(table[(f, 'emo_micro')])} | {cell(table[(f, 'std_micro')])} |")
+    for baseline in ("std_micro_e8", "dense_micro"):
+        lines.append(f"| {baseline} trained from scratch | {cell(table[(None, baseline)])} | |")
+    os.makedirs(out, exist_ok=True)
+    text = "\n".join(lines) + "\n"
+    with open(os.path.join(out, "regime.md"), "w") as f:
+        f.write(text)
+    plot_gaps(gaps, runs, seeds[0], os.path.join(out, "gaps.png"))
+    plot_curves(runs, os.path.join(out, "learning_curves.png"))
+    return text
+
+
+def plot_gaps(gaps, runs, seed, path):
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    tokens = [runs[("std_micro", seed, steps)]["tokens"] for steps in gaps]
+    for a, b in GAPS:
+        ax.plot(tokens, [values[f"{a} - {b}"] for values in gaps.values()], marker="o", label=f"{a} - {b}")
+    ax.axhline(0, color="gray", lw=0.8)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("training tokens")
+    ax.set_ylabel("validation loss gap")
+    ax.set_title(f"gaps against the token budget (seed {seed})")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_curves(runs, path):
+    """Validation loss against tokens of every run, a panel per budget."""
+    plt = pyplot()
+    budgets = sorted({steps for (_, _, steps) in runs})
+    fig, axes = plt.subplots(1, len(budgets), figsize=(4.5 * len(budgets), 3.6), squeeze=False)
+    for ax, steps in zip(axes[0], budgets):
+        for (model, seed, s), r in sorted(runs.items()):
+            if s == steps:
+                ax.plot(*zip(*r["curve"]), label=f"{model} {seed}", alpha=0.8)
+        ax.set_title(f"{steps} steps")
+        ax.set_xlabel("tokens")
+        ax.set_ylabel("validation loss")
+        ax.grid(alpha=0.3)
+    axes[0][-1].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--runs", default="out/regime")
+    parser.add_argument("--out", default="results/micro_cpu")
+    args = parser.parse_args(argv)
+    print(write_report(read_runs(args.runs), args.runs, args.out))
+
+
+if __name__ == "__main__":
+    run_command(main)
