@@ -9,6 +9,7 @@ The regime where sparsity pays (make regime, config/*_micro.py): first the paper
                  and the dense model trained from scratch, loss and task accuracy, mean ± half the range of seeds
 
     python -m experiments.regime --runs out/regime --out results/micro_cpu
+    python -m experiments.regime --diagnose out/diagnose_micro --regime micro --out results/micro_cpu  # the gap
 
 --runs holds one folder per training, named MODEL_seedSEED_stepsSTEPS (scripts/regime.sh makes them), the
 sweeps in sweeps/MODEL_seedSEED and the baselines' rows in baselines_seedSEED (experiments/paper.py
@@ -118,6 +119,7 @@ def cell(values):
 def write_report(runs, root, out):
     seeds = sorted({s for (_, s, _) in runs})
     main = max(steps for (_, _, steps) in runs)
+    trend_seed = max(seeds, key=lambda seed: len({steps for (_, s, steps) in runs if s == seed}))  # the budgets
     lines = ["## The runs", "", "| model | seed | steps | parameters | tokens | tokens per parameter | final "
              "validation loss |", "|---|---|---|---|---|---|---|"]
     for (model, seed, steps), r in sorted(runs.items(), key=lambda item: (MODELS.index(item[0][0]), *item[0][1:])):
@@ -130,11 +132,11 @@ def write_report(runs, root, out):
         lines.append(f"| {p['other']} | {', '.join(f'{m:+.4f}' for m in p['margins'])} | {p['margin']:+.4f} | "
                      f"{p['spreads'][0]:.4f}, {p['spreads'][1]:.4f} | {'holds' if p['holds'] else 'does not hold'} |")
     lines += ["", "Holds: the standard MoE is better with every seed and the mean margin exceeds both models' "
-              "half-ranges over the seeds.", "", f"## The gaps against tokens (seed {seeds[0]})", "",
+              "half-ranges over the seeds.", "", f"## The gaps against tokens (seed {trend_seed})", "",
               "| steps | tokens | " + " | ".join(f"{a} - {b}" for a, b in GAPS) + " |", "|---" * (2 + len(GAPS)) + "|"]
-    gaps = budget_gaps(runs, seeds[0])
+    gaps = budget_gaps(runs, trend_seed)
     for steps, values in gaps.items():
-        tokens = runs[("std_micro", seeds[0], steps)]["tokens"]
+        tokens = runs[("std_micro", trend_seed, steps)]["tokens"]
         lines.append(f"| {steps} | {tokens / 1e6:.2f}M | " + " | ".join(f"{v:+.4f}" for v in values.values()) + " |")
     table = retention_rows(root, seeds)
     fractions = sorted({f for f, _ in table if f is not None}, reverse=True)
@@ -149,7 +151,7 @@ def write_report(runs, root, out):
     text = "\n".join(lines) + "\n"
     with open(os.path.join(out, "regime.md"), "w") as f:
         f.write(text)
-    plot_gaps(gaps, runs, seeds[0], os.path.join(out, "gaps.png"))
+    plot_gaps(gaps, runs, trend_seed, os.path.join(out, "gaps.png"))
     plot_curves(runs, os.path.join(out, "learning_curves.png"))
     return text
 
@@ -191,11 +193,85 @@ def plot_curves(runs, path):
     plt.close(fig)
 
 
+# ---------------------------------------------------------------------------------------------------------
+# EMO's full-model gap, diagnosed (scripts/diagnose.sh).
+
+CHANGES = (("base", "the release's settings (this regime's configs)"),
+           ("batch64", "batches of 4 x 16 sequences, a quarter of the steps (balanced per micro-batch of 16)"),
+           ("batch64_step", "the same, balanced over the step's 64 sequences (lb_scope=step; EMO)"),
+           ("lr_half", "learning rate halved"), ("lr_double", "learning rate doubled"),
+           ("z0", "no router z-loss (EMO)"), ("anneal", "the last tenth of the steps linear to 0"))
+
+
+def diagnosis_runs(folder, regime, seeds):
+    """{(family, change, seed): final validation loss} of scripts/diagnose.sh's runs and their base runs."""
+    losses = {}
+    for family in ("emo", "std"):
+        for seed in seeds:
+            if regime == "micro":
+                base = os.path.join("out/regime", f"{family}_micro_seed{seed}_steps2400")
+            else:
+                base = f"out/{family}_tiny" if seed == 1337 else os.path.join(folder, f"{family}_base_seed{seed}")
+            losses[(family, "base", seed)] = run_summary(base)["loss"]
+            for change, _ in CHANGES[1:]:
+                run = os.path.join(folder, f"{family}_{change}_seed{seed}")
+                if os.path.exists(os.path.join(run, "done")):
+                    losses[(family, change, seed)] = run_summary(run)["loss"]
+    return losses
+
+
+def pm(values):
+    middle, half = spread(values)
+    return f"{middle:.4f} ± {half:.4f}"
+
+
+def write_diagnosis(folder, regime, out, seeds=(1337, 7)):
+    """diagnosis.md: per change, EMO's and the standard MoE's final validation loss and the gap, mean ± half the
+    range of the seeds (EMO-only changes against the standard MoE of the base, or of batch64); and the base EMO
+    evaluated with document pools against token routing on the same tokens."""
+    losses = diagnosis_runs(folder, regime, seeds)
+    lines = [f"EMO's full-model gap, diagnosed ({regime}; final validation loss, mean ± half the range of seeds "
+             f"{', '.join(map(str, seeds))}):", "", "| change | EMO | standard MoE | gap EMO - std | gap (relative) |",
+             "|---|---|---|---|---|"]
+    for change, description in CHANGES:
+        std_change = {"batch64_step": "batch64", "z0": "base"}.get(change, change)
+        if not all((f, c, s) in losses for f, c in (("emo", change), ("std", std_change)) for s in seeds):
+            continue
+        emo = [losses[("emo", change, s)] for s in seeds]
+        std = [losses[("std", std_change, s)] for s in seeds]
+        gaps = [e - t for e, t in zip(emo, std)]
+        relative = [e / t - 1 for e, t in zip(emo, std)]
+        which = "" if std_change == change else f" ({std_change})"
+        lines.append(f"| {description} | {pm(emo)} | {pm(std)}{which} | {pm(gaps)} | {100 * mean(relative):+.2f}% |")
+    pools = []
+    for seed in seeds:
+        path = os.path.join(folder, f"pool_eval_seed{seed}.json")
+        if os.path.exists(path):
+            with open(path) as f:
+                saved = json.load(f)
+            pools.append([mean([r["loss"] for r in next(iter(saved[k].values())).values()])
+                          for k in ("tokens", "pools")])
+    if len(pools) == len(seeds):
+        lines += ["", "The base EMO evaluated with document pools of a quarter of its experts (as the release's "
+                  f"in-loop evaluator) against token routing: {pm([p for _, p in pools])} against "
+                  f"{pm([t for t, _ in pools])} (change {pm([p - t for t, p in pools])})."]
+    os.makedirs(out, exist_ok=True)
+    text = "\n".join(lines) + "\n"
+    with open(os.path.join(out, "diagnosis.md"), "w") as f:
+        f.write(text)
+    return text
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", default="out/regime")
+    parser.add_argument("--diagnose", default="", help="scripts/diagnose.sh's folder: tabulate its runs instead")
+    parser.add_argument("--regime", default="micro", choices=("micro", "tiny"))
     parser.add_argument("--out", default="results/micro_cpu")
     args = parser.parse_args(argv)
+    if args.diagnose:
+        print(write_diagnosis(args.diagnose, args.regime, args.out))
+        return
     print(write_report(read_runs(args.runs), args.runs, args.out))
 
 
