@@ -21,7 +21,7 @@ of example for a built-in domain: a few-shot prompt then a gold continuation (fe
 
 import os
 
-from benchmarks import parse_benchmarks, question_batches
+from benchmarks import PROTOCOLS, parse_benchmarks, question_batches
 from checkpoint import checkpoint_tokenizer
 from data.corpus import Corpus
 from data.user import user_batches
@@ -57,8 +57,10 @@ def text_arguments(parser, purpose, domain_help="a domain of the built-in corpus
     parser.add_argument("--domain", default="", help=domain_help)
     parser.add_argument("--calib", default="", help=f"your own {purpose} text: file, folder, glob or .jsonl")
     if benchmark:
-        parser.add_argument("--benchmark", default="", help="a benchmark (benchmarks.py): its validation "
-                            "questions, each with its 5-shot context and gold answer, every token scored")
+        parser.add_argument("--benchmark", default="", help="a benchmark (benchmarks.py): its calibration "
+                            "questions, each with its 5-shot context and gold answer")
+        parser.add_argument("--protocol", default="nanoemo", choices=PROTOCOLS, help="--benchmark: which of its "
+                            "questions may calibrate (benchmarks.py): nanoemo's, the EMO paper's or OLMES's")
     parser.add_argument("--tokenizer", default="", help=f"for --calib{' or --benchmark' if benchmark else ''} when "
                         "the checkpoint records none: gpt2, cl100k_base, dolma2, a rank file or a tokenizer.json")
     parser.add_argument("--data_dir", default="data/multidomain", help="the built-in corpus")
@@ -84,19 +86,22 @@ def text_source(args):
 def text_split(args):
     """Which split the text comes from, for the pruning record: a benchmark's validation questions, the corpus's
     calibration documents, or the user's own text."""
-    return "validation" if getattr(args, "benchmark", "") else "user" if args.calib else "calib"
+    if getattr(args, "benchmark", ""):
+        return "train" if args.protocol == "emo" and args.benchmark.startswith("mmlu") else "validation"
+    return "user" if args.calib else "calib"
 
 
-def argument_texts(args, tokenizer, cfg, domains, n, seed=CALIBRATION_SEED):
+def argument_texts(args, tokenizer, cfg, domains, n, seed=CALIBRATION_SEED, answers_only=False):
     """The batches text_arguments point to, for a model of config cfg: one list per domain. A --benchmark's
-    first n calibration questions, or your own --calib text (its first n pieces), both tokenized with
-    --tokenizer or the tokenizer record the checkpoint carries, else n task demonstrations of each built-in
-    domain (seed: which passages)."""
+    first n calibration questions under --protocol (all of them if fewer; every token scored, or with
+    answers_only the answers' only, as fine-tuning's loss), or your own --calib text (its first n pieces), both
+    tokenized with --tokenizer or the tokenizer record the checkpoint carries, else n task demonstrations of
+    each built-in domain (seed: which passages)."""
     benchmark = getattr(args, "benchmark", "")
     if benchmark or args.calib:
         encoding = checkpoint_tokenizer(tokenizer, args.tokenizer, args.ckpt)
         if benchmark:
-            return [question_batches(benchmark, encoding, cfg.seq_len, n)]
+            return [question_batches(benchmark, encoding, cfg.seq_len, n, args.protocol, answers_only)]
         return [user_batches(args.calib, encoding, cfg, n)]
     corpus = Corpus(args.data_dir)
     corpus.check_model(cfg.vocab_size, cfg.eos_id)

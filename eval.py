@@ -8,6 +8,7 @@ evaluates every domain at every fraction of experts kept, is experiments/sweep.p
     python eval.py --ckpt out/emo_tiny --data my_eval/                  # your own text (data/user.py)
     python eval.py --ckpt out/emo_tiny,out/std_tiny --data notes=my_notes/,code=src/
     python eval.py --ckpt allenai/Emo_1b14b_1T --benchmark mmlu_stem,arc_easy   # the paper's benchmarks
+    python eval.py --ckpt allenai/Emo_1b14b_1T --benchmark mmlu_cats --protocol emo    # the paper's Table 3
 
 Evaluation text is laid back to back (each document closed by its EOS) and cut into windows of seq_len + 1
 tokens, every token predicted once; the last window is padded and its padding ignored; tokens that are not
@@ -23,7 +24,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from benchmarks import parse_benchmarks, score_benchmark
+from benchmarks import PROTOCOLS, parse_benchmarks, score_benchmark
 from checkpoint import checkpoint_paths, checkpoint_tokenizer, load_model, model_name
 from data.corpus import Corpus
 from data.user import evaluation_text, named_paths
@@ -111,10 +112,19 @@ def print_results(name, model, results):
 
 
 def print_benchmark_results(name, model, results):
+    """A line per benchmark (and per part of one, indented), the protocol and its primary metric named."""
     print(f"{name}: {model.cfg.n_experts} experts, top {model.cfg.top_k}")
-    print(f"{'benchmark':<40}{'acc_raw':>9}{'acc_per_char':>14}{'questions':>11}")
+    print(f"{'benchmark':<36}{'protocol':>9}{'primary':>14}{'acc_raw':>9}{'acc_per_char':>14}{'acc_uncond':>12}"
+          f"{'questions':>11}")
+
+    def line(label, r, protocol="", primary=""):
+        uncond = f"{r['acc_uncond']:.1%}" if "acc_uncond" in r else "-"
+        print(f"{label:<36}{protocol:>9}{primary:>14}{r['acc_raw']:>9.1%}{r['acc_per_char']:>14.1%}{uncond:>12}"
+              f"{r['n']:>11}")
     for benchmark, r in results.items():
-        print(f"{benchmark:<40}{r['acc_raw']:>9.1%}{r['acc_per_char']:>14.1%}{r['n']:>11}")
+        line(benchmark, r, r["protocol"], f"{r['primary']} {r[r['primary']]:.1%}")
+        for label, part in r.get("parts", {}).items():
+            line("  " + label, part)
 
 
 def evaluate(model, ckpt, path, args, benchmarks, corpus, device):
@@ -125,7 +135,7 @@ def evaluate(model, ckpt, path, args, benchmarks, corpus, device):
         return evaluate_domains(model, corpus, "val", args.batch_size, args.max_tokens, device)
     encoding = checkpoint_tokenizer(ckpt.get("tokenizer"), args.tokenizer, path)
     if benchmarks:
-        return {name: score_benchmark(model, encoding, name, args.batch_size, device, args.limit)
+        return {name: score_benchmark(model, encoding, name, args.batch_size, device, args.limit, args.protocol)
                 for name in benchmarks}
     results = {}
     for domain, data_path in named_paths(args.data, "--data").items():
@@ -142,6 +152,8 @@ def main(argv=None):
     parser.add_argument("--data", default="", help="your own evaluation text: PATH, or NAME=PATH,...")
     parser.add_argument("--benchmark", default="", help="benchmarks instead of text, comma-separated "
                         "(a wrong name lists them)")
+    parser.add_argument("--protocol", default="nanoemo", choices=PROTOCOLS, help="--benchmark: which questions are "
+                        "scored and how (benchmarks.py): nanoemo, the EMO paper's, or OLMES's")
     parser.add_argument("--limit", type=int, default=0, help="--benchmark: score only the first LIMIT questions "
                         "of each")
     parser.add_argument("--tokenizer", default="", help="for --data or --benchmark when the checkpoint records none")

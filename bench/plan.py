@@ -42,6 +42,7 @@ class PlanConfig:
     gpu_memory_gib: float = 80.0  # H100 80GB
     mfu: float = 0.0  # 0: print the release's reported ~18% and 40%
     total_tokens: float = 1e12  # the release's budget
+    forward_tokens: float = 0.0  # and tokens run forward only (evaluation, pruning): a third of a training token
 
 
 def fake_model(cfg):
@@ -145,11 +146,12 @@ def main():
         print(f"  {'total':<56}{need / GIB:8.2f} GiB: {fits} in {plan_cfg.gpu_memory_gib:.0f} GB with 10% kept free;"
               f" largest micro-batch that fits: {largest_micro_batch(model_cfg, world, checkpointing, budget)}")
     peak = PEAK_FLOPS["H100"]
-    seconds = {mfu: plan_cfg.total_tokens * flops / (world * peak * mfu) for mfu in
-               ([plan_cfg.mfu] if plan_cfg.mfu else [0.18, 0.40])}
+    work = (plan_cfg.total_tokens + plan_cfg.forward_tokens / 3) * flops
+    seconds = {mfu: work / (world * peak * mfu) for mfu in ([plan_cfg.mfu] if plan_cfg.mfu else [0.18, 0.40])}
+    forward = f" and {plan_cfg.forward_tokens / 1e9:g}B forward-only" if plan_cfg.forward_tokens else ""
     for mfu, s in seconds.items():
-        print(f"\n{plan_cfg.total_tokens / 1e12:g}T tokens on {world} H100s at {mfu:.0%} MFU "
-              f"({peak / 1e12:.0f} TFLOP/s bf16 peak): {s / 86400:.1f} days")
+        print(f"\n{plan_cfg.total_tokens / 1e9:g}B training tokens{forward} on {world} H100s at {mfu:.0%} MFU "
+              f"({peak / 1e12:.0f} TFLOP/s bf16 peak): {s / 86400:.2f} days ({s / 3600:.1f} hours)")
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ sweep repeated with other seeds, the training curves of runs, and the tables of 
     python -m experiments.report --curves out/emo_tiny,out/std_tiny --out out/sweep_tiny          # training curves
     python -m experiments.report --paper out/paper/emo_tiny,out/paper/std_tiny,out/paper/baselines \
         --out results/tiny_cpu/paper                                                              # paper.py's tables
+    python -m experiments.report --table3 out/table3 --out out/table3       # scripts/table3.sh's Table 3, Figure 3
 
 A sweep's row is one (model, domain, fraction kept): loss, next-token accuracy, task accuracy (tasks.py) and
 their changes from the full model; a paper row says which experiment made it and what it varied.
@@ -373,17 +374,106 @@ def read_rows(folders):
     return rows
 
 
+# ---------------------------------------------------------------------------------------------------------
+# scripts/table3.sh's table: the paper's Table 3 and Figure 3 from eval.py's results under --protocol emo.
+
+def read_scores(path):
+    """{benchmark: result} of an eval.py --out file of one model."""
+    with open(path) as f:
+        [results] = json.load(f).values()
+    return results
+
+
+def table3_scores(folder):
+    """{model: {keep: {variant: {category: acc_raw}}}}: the full model's (keep 'all', 'inf') from full.json, each
+    pruned model's from keepK/CATEGORY.scores.json (inf) and CATEGORY-ft.scores.json (ft)."""
+    scores = {}
+    for model in sorted(os.listdir(folder)):
+        full = os.path.join(folder, model, "full.json")
+        if not os.path.exists(full):
+            continue
+        parts = read_scores(full)["mmlu_cats"]["parts"]
+        scores[model] = {"all": {"inf": {c: r["acc_raw"] for c, r in parts.items()}}}
+        for keep_folder in sorted(os.listdir(os.path.join(folder, model))):
+            if not keep_folder.startswith("keep"):
+                continue
+            keep = int(keep_folder.removeprefix("keep"))
+            for name in os.listdir(os.path.join(folder, model, keep_folder)):
+                if not name.endswith(".scores.json"):
+                    continue
+                category = name.removesuffix(".scores.json").removesuffix("-ft")
+                variant = "ft" if name.endswith("-ft.scores.json") else "inf"
+                result = read_scores(os.path.join(folder, model, keep_folder, name))[f"mmlu_cat_{category}"]
+                scores[model].setdefault(keep, {}).setdefault(variant, {})[category] = result["acc_raw"]
+    if not scores:
+        raise UserError(f"no results in {folder}: run scripts/table3.sh")
+    return scores
+
+
+def category_mean(accuracies):
+    """The paper's MMLU: the unweighted mean over the categories scored but "other"."""
+    return mean([a for c, a in accuracies.items() if c != "other"])
+
+
+def write_table3(folder, out):
+    """table3.md (the 16-category mean per model, experts kept and variant; then every category) and figure3.png
+    (the mean as is against the experts kept) from scripts/table3.sh's folder; returns the table."""
+    scores = table3_scores(folder)
+    models = list(scores)
+    keeps = sorted({k for s in scores.values() for k in s if k != "all"}) + ["all"]
+    lines = ["MMLU, the mean of the 16 categories but \"other\" (acc_raw, %), the EMO paper's protocol:", "",
+             "| experts kept | " + " | ".join(f"{m} inf | {m} ft" for m in models) + " |",
+             "|---" * (1 + 2 * len(models)) + "|"]
+    for keep in keeps:
+        cells = []
+        for m in models:
+            for variant in ("inf", "ft"):
+                accuracies = scores[m].get(keep, {}).get(variant)
+                cells.append(f"{100 * category_mean(accuracies):.1f}" if accuracies else "")
+        lines.append(f"| {keep} | " + " | ".join(cells) + " |")
+    categories = list(scores[models[0]]["all"]["inf"])
+    lines += ["", "Per category (acc_raw, %, as is / fine-tuned):", "",
+              "| model | experts kept | " + " | ".join(categories) + " |", "|---|---" + "|---" * len(categories) + "|"]
+    for m in models:
+        for keep in keeps:
+            variants = scores[m].get(keep, {})
+            cells = [" / ".join(f"{100 * variants[v][c]:.1f}" for v in ("inf", "ft") if c in variants.get(v, {}))
+                     for c in categories]
+            lines.append(f"| {m} | {keep} | " + " | ".join(cells) + " |")
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "table3.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    for m in models:
+        points = [(k, category_mean(scores[m][k]["inf"])) for k in keeps if "inf" in scores[m].get(k, {})]
+        ax.plot([128 if k == "all" else k for k, _ in points], [100 * a for _, a in points], marker="o", label=m)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("experts kept (of 128)")
+    ax.set_ylabel("MMLU, 16-category mean (%)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, "figure3.png"), dpi=110)
+    plt.close(fig)
+    return "\n".join(lines)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--combine", default="", help="sweep folders of different models, comma-separated")
     parser.add_argument("--seeds", default="", help="sweep folders of the same experiment, comma-separated")
     parser.add_argument("--curves", default="", help="training run folders (history.json), comma-separated")
     parser.add_argument("--paper", default="", help="folders of paper.py's rows, comma-separated")
-    parser.add_argument("--out", required=True, help="--combine, --curves, --paper: a folder; --seeds: the table's "
-                        "file")
+    parser.add_argument("--table3", default="", help="scripts/table3.sh's folder of eval.py results")
+    parser.add_argument("--out", required=True, help="--combine, --curves, --paper, --table3: a folder; --seeds: "
+                        "the table's file")
     args = parser.parse_args(argv)
-    if sum(map(bool, (args.combine, args.seeds, args.curves, args.paper))) != 1:
-        raise UserError("give one of --combine, --seeds, --curves and --paper")
+    if sum(map(bool, (args.combine, args.seeds, args.curves, args.paper, args.table3))) != 1:
+        raise UserError("give one of --combine, --seeds, --curves, --paper and --table3")
+    if args.table3:
+        print(write_table3(args.table3, args.out))
+        return
     if args.paper:
         print(write_paper(read_rows(args.paper.split(",")), args.out))
         return

@@ -60,8 +60,8 @@ def test_benchmark_errors(capsys, tiny_checkpoints, tmp_path):
     assert line.startswith("error: no benchmark mmlu_chemistry; the benchmarks are: arc_easy arc_challenge ") and \
         " mmlu_stem " in line and " mmlu_anatomy " in line
     base = ["--ckpt", tiny_checkpoints["emo"], "--keep", "4", "--out", str(tmp_path / "p")]
-    assert one_line_error(capsys, prune.main, [*base, "--benchmark", "copa", "--calib_docs", "26"]) == (
-        "error: --calib_docs 26: copa gives 1 to 25 calibration questions")
+    assert one_line_error(capsys, prune.main, [*base, "--benchmark", "boolq", "--protocol", "emo"]).startswith(
+        "error: boolq under --protocol emo scores every question it has here: none is left to calibrate")
     assert one_line_error(capsys, prune.main, [*base, "--benchmark", "copa,boolq"]) == (
         "error: --benchmark copa,boolq: one benchmark at a time")
     assert one_line_error(capsys, evaluation.main, ["--ckpt", tiny_checkpoints["emo"], "--benchmark", "copa",
