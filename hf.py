@@ -267,12 +267,13 @@ def hf_tensors(model, dtype, layers):
 
 
 @torch.no_grad()
-def export_hf(model, folder, dtype=None, layers_per_shard=4, tokenizer=None, pruning=None, replace=False):
+def export_hf(model, folder, dtype=None, layers_per_shard=4, tokenizer=None, pruning=None, replace=False,
+              extra=None):
     """Write model as config.json + safetensors in the release's format; sharded with an index beyond
     layers_per_shard layers, so that no more than a few layers are copied in memory at a time. With a
     tiktoken encoding, also tokenizer.json; with prune.py's record, pruning.json (write_metadata). The folder
     is written whole beside its place and renamed into it when complete (files.atomic_folder): a folder that
-    holds anything is refused unless replace."""
+    holds anything is refused unless replace. extra: {file name: content} of more JSON files (a merge record)."""
     dtype = dtype or next(model.parameters()).dtype
     n_layer = model.cfg.n_layer
     groups = [list(range(s, min(s + layers_per_shard, n_layer))) for s in range(0, n_layer, layers_per_shard)]
@@ -284,6 +285,9 @@ def export_hf(model, folder, dtype=None, layers_per_shard=4, tokenizer=None, pru
             save_file(shard, os.path.join(tmp, name), metadata={"format": "pt"})
             weight_map.update({k: name for k in shard})
         write_metadata(tmp, model.cfg, dtype, weight_map if len(groups) > 1 else None, tokenizer, pruning)
+        for name, content in (extra or {}).items():
+            with open(os.path.join(tmp, name), "w") as f:
+                json.dump(content, f, indent=2)
 
 
 def read_pruning(folder):

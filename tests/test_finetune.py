@@ -74,3 +74,68 @@ def test_finetune_command_keeps_the_pruning_record(tiny_corpus, tiny_checkpoints
     assert ckpt["pruning"]["domain"] == "code" and ckpt["finetune"]["domain"] == "code"
     assert ckpt["finetune"]["examples"] == 8 and len(ckpt["finetune"]["losses"]) == 2
     assert model.cfg.n_experts == 4
+
+
+def pruned_copy(model, routed_kept):
+    """A copy of model pruned to the given routed experts per layer (and the shared one), with its record."""
+    import copy
+    import prune
+    subset = copy.deepcopy(model)
+    for block, kept in zip(subset.layers, routed_kept):
+        prune.prune_layer(block.moe, torch.tensor(kept))
+    prune.set_pruned_config(subset)
+    return subset
+
+
+KEPT = [[1, 4, 6], [0, 2, 5]]  # original ids of the subset's routed experts, per layer (7 routed, 1 shared)
+
+
+@pytest.mark.parametrize("average", [None, 0.25])
+def test_merged_weights_are_the_subset_s_at_the_kept_ids_and_the_original_s_elsewhere(average):
+    full = tiny_model()
+    subset = pruned_copy(full, KEPT)
+    with torch.no_grad():
+        for p in subset.parameters():
+            p.add_(1.0)  # "fine-tuned"
+    merged = tiny_model()
+    counts = finetune.merge_back(merged, subset, KEPT, router_rows=True, average=average)
+    assert counts == {"routed": 6, "shared": 0, "router_rows": 8, "non_moe": 0}
+    for block, original, small, kept in zip(merged.layers, full.layers, subset.layers, KEPT):
+        for name in ("w_up_gate", "w_down"):
+            got, before, after = getattr(block.moe, name), getattr(original.moe, name), getattr(small.moe, name)
+            expected = after[:3] if average is None else (1 - average) * before[kept] + average * after[:3]
+            torch.testing.assert_close(got[kept], expected)
+            others = [e for e in range(8) if e not in kept]
+            assert torch.equal(got[others], before[others])  # the other experts and the shared one (7) untouched
+        rows = kept + [7]
+        expected = small.moe.router.gate.weight if average is None else \
+            (1 - average) * original.moe.router.gate.weight[rows] + average * small.moe.router.gate.weight
+        torch.testing.assert_close(block.moe.router.gate.weight[rows], expected)
+    assert torch.equal(merged.embed.weight, full.embed.weight)  # non_moe off
+
+
+def test_a_subset_merged_back_unchanged_is_the_original_model():
+    full = tiny_model()
+    merged = tiny_model()
+    finetune.merge_back(merged, pruned_copy(full, KEPT), KEPT, router_rows=True, shared=True, non_moe=True)
+    assert all(torch.equal(a, b) for a, b in zip(merged.state_dict().values(), full.state_dict().values()))
+
+
+def test_merging_a_fine_tuned_subset_back_from_the_command_line(tiny_corpus, tiny_checkpoints, tmp_path):
+    import json
+
+    import prune
+    emo = tiny_checkpoints["emo"]
+    prune.main(["--ckpt", emo, "--data_dir", tiny_corpus[0], "--domain", "code", "--keep", "4", "--calib_docs", "2",
+                "--out", str(tmp_path / "code")])
+    finetune.main(["--ckpt", str(tmp_path / "code.pt"), "--data_dir", tiny_corpus[0], "--n_examples", "4",
+                   "--out", str(tmp_path / "code-ft.pt")])
+    finetune.main(["--ckpt", str(tmp_path / "code-ft.pt"), "--merge_into", "source", "--out",
+                   str(tmp_path / "merged.pt"), "--hf_out", str(tmp_path / "merged_hf")])
+    merged, ckpt = load_model(str(tmp_path / "merged.pt"))
+    tuned, _ = load_model(str(tmp_path / "code-ft.pt"))
+    kept = json.load(open(tmp_path / "code.json"))["layers"][0]["kept"]
+    assert torch.equal(merged.layers[0].moe.w_up_gate[kept], tuned.layers[0].moe.w_up_gate[:3])
+    assert merged.cfg.n_experts == 8 and ckpt["merge"]["n_routed_copied"] == 6
+    metadata = json.load(open(tmp_path / "merged_hf" / "merge_metadata.json"))
+    assert metadata["parent_model"] == emo and metadata["merge_mode"] == "replace"
