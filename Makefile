@@ -4,10 +4,10 @@
 #              every domain at 100/50/25/12.5% of the experts and evaluate loss, next-token and task
 #              accuracy, one model per core, and combine: out/sweep_tiny/ (table, plots, training curves).
 #              Safe to interrupt: run it again and each step resumes or is skipped once done.
-#   make paper: after make demo, the paper's other experiments on its two models (experiments/paper.py: pruned
-#              as is and fine-tuned, memory-matched baselines trained from scratch, selection methods, calibration
-#              size, composition; experiments/analyze.py: specialization): results/tiny_cpu/paper/ (tables.md,
-#              specialization.md, domain_similarity.png), rows in out/paper/.
+#   make paper: after make demo, the paper's other experiments on its two models, with a second seed (scripts/paper.sh,
+#              experiments/paper.py: pruned as is and fine-tuned against memory-matched models trained from
+#              scratch, merging back, selection methods, calibration size, composition, the twins' retention;
+#              experiments/analyze.py: specialization): results/tiny_cpu/paper/, rows in out/paper/.
 #   make regime: the regime where sparsity pays (config/*_micro.py, scripts/regime.sh): the premise with two seeds,
 #              the gaps against tokens, EMO's retention against models trained from scratch: results/micro_cpu/.
 PYTHON ?= python3
@@ -53,19 +53,8 @@ demo: corpus
 	$(PY) -m experiments.report --combine out/sweeps/emo_tiny,out/sweeps/std_tiny --out out/sweep_tiny
 	$(PY) -m experiments.report --curves out/emo_tiny,out/std_tiny --out out/sweep_tiny
 
-# one model's paper experiments, one per core; skipped once its rows are written
-paper-%: corpus
-	test -f out/paper/$*/rows.json || $(KEEP_FREED_MEMORY) OMP_NUM_THREADS=1 $(PY) -m experiments.paper run \
-		--ckpt out/$* --out out/paper/$* > out/paper_$*.log 2>&1
-
 paper: corpus
-	@test -f out/emo_tiny/ckpt.pt -a -f out/std_tiny/ckpt.pt || { echo "make paper uses make demo's models: run make demo first"; exit 2; }
-	mkdir -p out/paper
-	$(MAKE) -j2 train-std_tiny_e8 train-std_tiny_e16 train-dense_tiny paper-emo_tiny paper-std_tiny
-	$(PY) -m experiments.paper baselines --ckpt out/std_tiny_e8,out/std_tiny_e16,out/dense_tiny --out out/paper/baselines
-	$(PY) -m experiments.report --paper out/paper/emo_tiny,out/paper/std_tiny,out/paper/baselines \
-		--out results/tiny_cpu/paper
-	$(PY) -m experiments.analyze --ckpt out/emo_tiny,out/std_tiny --out results/tiny_cpu/paper
+	bash scripts/paper.sh
 
 regime: $(VENV)/installed
 	bash scripts/regime.sh

@@ -38,10 +38,13 @@ def corpus_calibration(corpus, domain, n, seed=CALIBRATION_SEED):
     return [demonstrations(corpus.documents("calib", domain), n, seed)]
 
 
-def few_shot_calibration(corpus, domain, n, seed=CALIBRATION_SEED):
-    """n calibration examples of the release's kind for a built-in domain (SHOTS demonstrations then a passage
-    and its gold continuation, every token scored), in one batch."""
-    return [few_shot_examples(corpus.documents("calib", domain), n, SHOTS, seed)]
+def few_shot_calibration(corpus, domain, n, seed=CALIBRATION_SEED, shots=SHOTS, shuffle_documents=False,
+                         answers_only=False):
+    """n calibration examples of the release's kind for a built-in domain (shots demonstrations then a passage
+    and its gold continuation, every token scored, or with answers_only the continuation's: the release
+    fine-tunes on its selection examples with that loss), in one batch; with shuffle_documents the seed draws
+    the documents too."""
+    return [few_shot_examples(corpus.documents("calib", domain), n, shots, seed, shuffle_documents, answers_only)]
 
 
 def domain_pool(corpus, domain, n):

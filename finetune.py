@@ -2,10 +2,11 @@
 Fine-tuning a model (a pruned one, typically) on its domain, as the release does after pruning, and merging a
 fine-tuned subset back into its full model (docs/method.md, "Selective expert use"). Fine-tuning: one epoch
 over the domain's fine-tuning pool, lr 5e-5 with a linear warmup over the first 10% of the steps then a linear
-decay to 0, AdamW without weight decay, the loss on the answer tokens only, token routing (no pools: every
-router acts as the standard one), load-balancing weight 0.01. Merging (--merge_into): the subset's routed
-experts copied into the full model at their original ids, as the release's merge_pruned_experts_back.py (and
-optionally the router rows, the shared experts, the rest, or an average instead of a copy).
+decay to 0, AdamW without weight decay, token routing (no pools: every router acts as the standard one), the
+release's loss terms: cross-entropy on the answer tokens only and the load-balancing loss (weight 0.01), no
+z-loss. Merging (--merge_into): the subset's routed experts copied into the full model at their original ids,
+as the release's merge_pruned_experts_back.py (and optionally the router rows, the shared experts, the rest,
+or an average instead of a copy).
 
     python finetune.py --ckpt out/pruned/emo_tiny/python-keep8-greedy.pt --domain python
     python finetune.py --ckpt out/pruned/emo_tiny/mine-keep16-greedy.pt --calib my.jsonl --out out/mine-ft
@@ -55,10 +56,15 @@ def answer_targets(idx, scored):
 
 
 def finetune_loss(model, inputs, targets, lb_weight):
-    """The loss fine-tuning optimises: cross-entropy on the targets (answers only), the router z-loss, and
-    the load-balancing loss with weight lb_weight instead of the model's own. Returns (loss, stats)."""
-    loss, stats = model(inputs, targets)
-    return loss + (lb_weight - model.cfg.lb_weight) * stats["lb_loss"], stats
+    """The loss fine-tuning optimises, the release's terms: cross-entropy on the targets (answers only) and the
+    load-balancing loss with weight lb_weight (its router_aux_loss_coef); no router or LM-head z-loss. Returns
+    (loss, stats)."""
+    own = model.cfg
+    model.cfg = dataclasses.replace(own, lb_weight=lb_weight, z_weight=0.0, lm_z_weight=0.0)  # what forward adds
+    try:
+        return model(inputs, targets)
+    finally:
+        model.cfg = own
 
 
 def learning_rate(step, n_steps, cfg):

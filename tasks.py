@@ -74,13 +74,17 @@ def task_items(documents, seed=0):
     return items
 
 
-def demonstrations(documents, n, seed=1):
+def demonstrations(documents, n, seed=1, shuffle_documents=False):
     """n calibration demonstrations in one batch: tokens (n, PASSAGE + ANSWER) and answer mask (n, PASSAGE +
-    ANSWER), cycling through the documents long enough (another passage of a document each time round)."""
+    ANSWER), cycling through the documents long enough (another passage of a document each time round), in
+    their order or, with shuffle_documents, in an order the seed draws too (so that seeds differ in documents,
+    not only in passages)."""
     rng = np.random.default_rng(seed)
     eligible = [doc for doc in documents if spans_of(doc) > 0]
     if not eligible:
         raise UserError(f"no document long enough for a demonstration ({PASSAGE + ANSWER + 1} tokens)")
+    if shuffle_documents:
+        eligible = [eligible[i] for i in rng.permutation(len(eligible))]
     rows = []
     for k in range(n):
         doc = eligible[k % len(eligible)]
@@ -92,14 +96,18 @@ def demonstrations(documents, n, seed=1):
     return tokens, mask
 
 
-def few_shot_examples(documents, n, shots=2, seed=1):
+def few_shot_examples(documents, n, shots=2, seed=1, shuffle_documents=False, answers_only=False):
     """n calibration examples of the release's kind, in one batch: a few-shot prompt of `shots` demonstrations
     (a passage and its true continuation each) then a passage and its gold continuation, every token of it
-    scored: tokens and mask (n, (shots + 1) * (PASSAGE + ANSWER)). Consecutive demonstrations come from
-    consecutive documents long enough (see demonstrations)."""
-    tokens, _ = demonstrations(documents, n * (shots + 1), seed)
+    scored (with answers_only, the gold continuation's only, as fine-tuning's loss): tokens and mask (n,
+    (shots + 1) * (PASSAGE + ANSWER)). Consecutive demonstrations come from consecutive documents long enough
+    (see demonstrations)."""
+    tokens, _ = demonstrations(documents, n * (shots + 1), seed, shuffle_documents)
     tokens = tokens.view(n, -1)
-    return tokens, torch.ones_like(tokens, dtype=torch.bool)
+    mask = torch.ones_like(tokens, dtype=torch.bool)
+    if answers_only:
+        mask[:, :-ANSWER] = False
+    return tokens, mask
 
 
 def continuation_log_probs(model, hidden, continuation):

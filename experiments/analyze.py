@@ -4,7 +4,7 @@ document, or the token itself? Two measures, on each domain's held-out text, rou
 
 (a) Domain similarity: per layer, the cosine similarity between the domains' mean router probabilities
     (heatmaps at the first, middle and last layer). One number: the mean similarity of two different domains
-    (the paper: low for EMO, high for the standard MoE).
+    over the layers (the paper: low for EMO, high for the standard MoE), and its value at each layer.
 (b) Token clustering: every token's router probabilities over all layers (N, n_layer * Er), PCA to 95% of the
     variance, L2-normalised, spherical k-means (k = 32). Then each cluster's domain entropy and each token
     type's cluster entropy (token types seen at least 5 times), both normalised to [0, 1] and averaged over
@@ -174,10 +174,12 @@ def main(argv=None):
         results[name] = specialization(model, corpus, args.tokens, args.clusters)
         lines += [f"{name}:"] + frequent_tokens_of_clusters(results[name]["labels"], results[name]["tokens"],
                                                             from_record(ckpt.get("tokenizer")))
-    table = ["| model | mean similarity of two domains' routing | domain entropy of a cluster | cluster entropy "
-             "of a token type |", "|---|---|---|---|"]
-    table += [f"| {m} | {r['mean_domain_similarity']:.3f} | {r['cluster_domain_entropy']:.3f} | "
-              f"{r['token_cluster_entropy']:.3f} |" for m, r in results.items()]
+    table = ["| model | mean similarity of two domains' routing | its value per layer, first to last | domain "
+             "entropy of a cluster | cluster entropy of a token type |", "|---|---|---|---|---|"]
+    table += [f"| {m} | {r['mean_domain_similarity']:.3f} | "
+              + " / ".join(f"{mean_off_diagonal(layer[None]):.3f}" for layer in r["similarity"])
+              + f" | {r['cluster_domain_entropy']:.3f} | {r['token_cluster_entropy']:.3f} |"
+              for m, r in results.items()]
     os.makedirs(args.out, exist_ok=True)
     plot_similarity(results, corpus.domains, os.path.join(args.out, "domain_similarity.png"))
     with open(os.path.join(args.out, "specialization.md"), "w") as f:

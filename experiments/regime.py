@@ -101,8 +101,9 @@ def retention_rows(root, seeds):
         if not os.path.exists(path):
             raise UserError(f"no baseline rows at {path}: run scripts/regime.sh")
         with open(path) as f:
-            for r in json.load(f):
-                per_seed.setdefault((None, r["model"].split("_seed")[0]), {}).setdefault(seed, []).append(r)
+            for r in json.load(f):  # as trained (paper.py also fine-tunes them: variant 'ft')
+                if r.get("variant", "inf") == "inf":
+                    per_seed.setdefault((None, r["model"].split("_seed")[0]), {}).setdefault(seed, []).append(r)
     table = {}
     for key, seeds_rows in per_seed.items():
         losses = [mean([r["loss"] for r in rows]) for rows in seeds_rows.values()]

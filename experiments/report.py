@@ -236,11 +236,41 @@ def spread_table(sweeps):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# experiments/paper.py's tables: domain averages of its rows.
+# experiments/paper.py's tables: domain averages of its rows; where a model was run with several seeds (its
+# twins named MODEL_seedN), the mean and half the range over the seeds.
+
+def with_seeds(rows):
+    """Rows with the seed out of the model's name: emo_tiny_seed7 -> model emo_tiny, seed '7' (else '-')."""
+    out = []
+    for r in rows:
+        model, _, seed = r["model"].partition("_seed")
+        out.append({**r, "model": model, "seed": seed or "-"})
+    return out
+
 
 def average(rows, metric, **where):
     """The mean of metric over the rows that match every key = value of where."""
     return mean([r[metric] for r in rows if all(r.get(k) == v for k, v in where.items())])
+
+
+def over_seeds(rows, metric, **where):
+    """(mean over the seeds of the domain average, half the range, how many seeds)."""
+    seeds = sorted({r["seed"] for r in rows if all(r.get(k) == v for k, v in where.items())})
+    values = [average(rows, metric, **{**where, "seed": s}) for s in seeds]
+    values = [v for v in values if not math.isnan(v)] or [float("nan")]
+    return mean(values), (max(values) - min(values)) / 2, len(values)
+
+
+def number(rows, metric, digits=3, scale=1, **where):
+    """'4.576' for one seed, '4.576 ± 0.004' for several."""
+    middle, half, n = over_seeds(rows, metric, **where)
+    text = f"{scale * middle:.{digits}f}"
+    return text + (f" ± {scale * half:.{digits}f}" if n > 1 else "")
+
+
+def cell(rows, **where):
+    """'loss (task accuracy)' averaged over domains (and seeds)."""
+    return f"{number(rows, 'loss', **where)} ({number(rows, 'task_accuracy', 1, 100, **where)}%)"
 
 
 def fractions_of(rows, experiment):
@@ -253,26 +283,63 @@ def values_of(rows, experiment, key):
     return list(dict.fromkeys(r[key] for r in rows if r["experiment"] == experiment))
 
 
-def cell(rows, **where):
-    """'loss (task accuracy)' averaged over domains."""
-    return f"{average(rows, 'loss', **where):.3f} ({average(rows, 'task_accuracy', **where):.1%})"
+def paired_baseline(baselines, keep, top_k):
+    """The model trained from scratch a subset of keep experts is paired with: the standard MoE trained with
+    keep experts (name ending _eKEEP), or the dense model where keep is top_k (the paper's Dense @ 8 with 8)."""
+    trained = next((b for b in baselines if b.endswith(f"_e{keep}")), None)
+    return trained or (next((b for b in baselines if b.startswith("dense")), None) if keep == top_k else None)
 
 
 def pruned_table(rows, models, baselines):
-    n_experts = next(r for r in rows if r["experiment"] == "pruned")["model_experts"]
-    head = ["experts kept"] + [f"{m} pruned, {v}" for m in models for v in ("inf", "ft")] + ["standard MoE trained "
-                                                                                            "with that many", "dense"]
+    """Pruned as is and fine-tuned against the model trained from scratch of its size (as is and fine-tuned),
+    and the decomposition of the difference."""
+    first = next(r for r in rows if r["experiment"] == "pruned")
+    n_experts, top_k = first["model_experts"], first["model_top_k"]
+    head = ["experts kept"] + [f"{m} pruned, {v}" for m in models for v in ("inf", "ft")] + [
+        "trained from scratch", "it, inf", "it, ft"]
     lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
     full = [cell(rows, experiment="pruned", model=m, variant="full") for m in models for _ in range(2)]
-    lines.append(f"| {n_experts} (100%) | " + " | ".join(full) + " | | |")
-    dense = next((b for b in baselines if b.startswith("dense")), None)
+    lines.append(f"| {n_experts} (100%) | " + " | ".join(full) + " | | | |")
+    decomposition = []
     for fraction in fractions_of(rows, "pruned"):
         keep = round(fraction * n_experts)
-        trained = next((b for b in baselines if f"_e{keep}" in b), None)
+        baseline = paired_baseline(baselines, keep, top_k)
         cells = [cell(rows, experiment="pruned", model=m, fraction=fraction, variant=v) for m in models
                  for v in ("inf", "ft")]
-        cells += [cell(rows, experiment="baseline", model=b) if b else "-" for b in (trained, dense)]
-        lines.append(f"| {keep} ({fraction:.1%}) | " + " | ".join(cells) + " |")
+        cells += [baseline or "-"] + [cell(rows, experiment="baseline", model=baseline, variant=v) if baseline
+                                      else "-" for v in ("inf", "ft")]
+        lines.append(f"| {keep} ({fraction:.2%}) | " + " | ".join(cells) + " |")
+        if baseline and len(models) == 2:
+            emo, std = models
+
+            def loss(**where):
+                return over_seeds(rows, "loss", **where)[0]
+            emo_full, std_full = (loss(experiment="pruned", model=m, variant="full") for m in (emo, std))
+            subset = loss(experiment="pruned", model=emo, fraction=fraction, variant="inf")
+            trained = loss(experiment="baseline", model=baseline, variant="inf")
+            decomposition.append(
+                f"- {fraction:.2%}: {emo} pruned - {baseline} = {subset - trained:+.3f} = {emo}'s full-model gap "
+                f"{emo_full - std_full:+.3f} + its pruning cost {subset - emo_full:+.3f} - the standard MoE's gain "
+                f"from its extra experts {std_full - trained:+.3f}")
+    return lines + ([""] + decomposition if decomposition else [])
+
+
+def merge_table(rows, models):
+    """At the smallest fraction: the full model, the subset, the subset fine-tuned, and the fine-tuned subset
+    merged back, on the subset's domain; the merged model on the other domains against the full model."""
+    fraction = values_of(rows, "merge", "fraction")[0]
+    lines = ["| model | full | subset | subset, fine-tuned | merged back | merged back, other domains (full) |",
+             "|---|---|---|---|---|---|"]
+    for m in models:
+        merged = [r for r in rows if r["experiment"] == "merge" and r["model"] == m]
+        merged_own = [r for r in merged if r["domain"] == r["subset"]]
+        merged_other = [r for r in merged if r["domain"] != r["subset"]]
+        full_other = [{**r, "loss": average(rows, "loss", experiment="pruned", model=m, variant="full",
+                                            domain=r["domain"], seed=r["seed"])} for r in merged_other]
+        lines.append(f"| {m} | {cell(rows, experiment='pruned', model=m, variant='full')} | "
+                     f"{cell(rows, experiment='pruned', model=m, fraction=fraction, variant='inf')} | "
+                     f"{cell(rows, experiment='pruned', model=m, fraction=fraction, variant='ft')} | "
+                     f"{cell(merged_own)} | {number(merged_other, 'loss')} ({number(full_other, 'loss')}) |")
     return lines
 
 
@@ -286,21 +353,26 @@ def method_table(rows, models):
 
 
 def calibration_table(rows, models):
-    """Per calibration size: the loss's mean ± half the range over the calibration seeds, the task accuracy, and
-    the kept sets' overlap with those of every example ('all', the largest size)."""
-    sizes, seeds = sorted(values_of(rows, "calibration", "examples")), sorted(values_of(rows, "calibration", "seed"))
+    """Per calibration size (and 16 examples without a few-shot prompt): the loss's mean ± half the range over the
+    calibration seeds, the task accuracy, and the kept sets' overlap with those of every example ('all')."""
+    sizes = sorted(values_of(rows, "calibration", "examples"))
     lines = ["| calibration examples | " + " | ".join(f"{m} loss (task acc.) | {m} overlap with all" for m in models)
              + " |", "|---" * (1 + 2 * len(models)) + "|"]
-    for size in sizes:
+    arms = [(size, 2) for size in sizes] + [(s, shots) for s, shots in dict.fromkeys(
+        (r["examples"], r["shots"]) for r in rows if r["experiment"] == "calibration" and r["shots"] != 2)]
+    for size, shots in arms:
         cells = []
         for m in models:
-            per_seed = [average(rows, "loss", experiment="calibration", model=m, examples=size, seed=s) for s in seeds]
-            per_seed = [v for v in per_seed if not math.isnan(v)]
+            where = dict(experiment="calibration", model=m, examples=size, shots=shots)
+            calibration_seeds = sorted({r["calibration_seed"] for r in rows if all(r.get(k) == v
+                                                                                      for k, v in where.items())})
+            per_seed = [average(rows, "loss", calibration_seed=s, **where) for s in calibration_seeds]
             spread = (max(per_seed) - min(per_seed)) / 2
-            task = average(rows, "task_accuracy", experiment="calibration", model=m, examples=size)
-            overlap = average(rows, "overlap_with_all", experiment="calibration", model=m, examples=size)
-            cells += [f"{mean(per_seed):.3f} ± {spread:.3f} ({task:.1%})", f"{overlap:.2f}"]
-        lines.append(f"| {size if size < sizes[-1] else f'all ({size})'} | " + " | ".join(cells) + " |")
+            cells += [f"{mean(per_seed):.3f}" + (f" ± {spread:.3f}" if len(per_seed) > 1 else "")
+                      + f" ({average(rows, 'task_accuracy', **where):.1%})",
+                      f"{average(rows, 'overlap_with_all', **where):.2f}"]
+        label = f"all ({size})" if size == sizes[-1] else str(size)
+        lines.append(f"| {label}{'' if shots == 2 else f', {shots}-shot'} | " + " | ".join(cells) + " |")
     return lines
 
 
@@ -326,7 +398,7 @@ def composition_table(rows, models):
 def cross_table(rows, model, domains):
     """Loss change from the full model, subset (row) evaluated on domain (column); and the two means."""
     change = {(r["subset"], r["domain"]): r["loss"] - average(rows, "loss", experiment="pruned", model=model,
-                                                               domain=r["domain"], variant="full")
+                                                               domain=r["domain"], variant="full", seed=r["seed"])
               for r in rows if r["experiment"] == "cross" and r["model"] == model}
     lines = [f"{model}:", "", "| subset \\ evaluated on | " + " | ".join(domains) + " |",
              "|---" * (1 + len(domains)) + "|"]
@@ -336,29 +408,54 @@ def cross_table(rows, model, domains):
     return lines + ["", f"{model}: mean loss change on its own domain {diagonal:+.3f}, on the others {off:+.3f}."]
 
 
+def retention_table(rows):
+    """Every model of the retention step pruned to each fraction, routing by token and with pools."""
+    models = values_of(rows, "retention", "model")
+    pools = sorted(values_of(rows, "retention", "pool_eval"))
+    head = [f"{m}{'' if p == 0 else f', pools of {p}'}" for m in models for p in pools]
+    lines = ["| experts kept | " + " | ".join(head) + " |", "|---" * (1 + len(head)) + "|"]
+    for fraction in sorted(values_of(rows, "retention", "fraction"), reverse=True):
+        cells = [cell(rows, experiment="retention", model=m, fraction=fraction, pool_eval=p) for m in models
+                 for p in pools]
+        lines.append(f"| {fraction:.2%} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def write_paper(rows, out):
-    """paper.py's tables into out/tables.md and its rows into out/rows.json; returns the tables."""
-    models = values_of(rows, "pruned", "model")
-    baselines = values_of(rows, "baseline", "model")
+    """paper.py's tables into out/tables.md and its rows into out/rows.json; returns the tables. A table is
+    written where some model ran its experiment, with the models that did."""
+    saved = rows
+    rows = with_seeds(rows)
+    one_seed = [r for r in rows if r["seed"] == "-"]
     domains = values_of(rows, "pruned", "domain")
-    smallest = fractions_of(rows, "pruned")[-1]
-    n_seeds = len(values_of(rows, "calibration", "seed"))
-    sections = [
-        ("Pruned as is (inf) and fine-tuned (ft), against models trained with that many experts (average over "
-         "domains: loss (task accuracy))", pruned_table(rows, models, baselines)),
-        ("Selection methods (average over domains: loss (task accuracy))", method_table(rows, models)),
-        (f"Calibration size ({smallest:.1%}; mean ± half the range over {n_seeds} calibration seeds)",
-         calibration_table(rows, models)),
-        (f"Composition ({smallest:.1%} per domain; loss change from the full model)", composition_table(rows, models)),
-        (f"Each domain's {smallest:.1%} subset on every domain (loss change from the full model)",
-         [line for m in models for line in cross_table(rows, m, domains) + [""]]),
+    smallest = (fractions_of(rows, "merge") or fractions_of(rows, "composition") or [0.0])[-1]
+    n_seeds = len({r["seed"] for r in rows if r["experiment"] == "pruned"})
+    over = f"mean ± half the range over {n_seeds} seeds" if n_seeds > 1 else "one seed"
+    sections = [  # (experiment, which rows, title, its table from those rows and the models that ran it)
+        ("pruned", rows, "Pruned as is (inf) and fine-tuned (ft), against the model trained from scratch of the "
+         f"subset's size (average over domains: loss (task accuracy); {over})",
+         lambda rows, models: pruned_table(rows, models, values_of(rows, "baseline", "model"))),
+        ("merge", rows, f"A fine-tuned {smallest:.1%} subset merged back into its full model (its domain; the merged "
+         f"model's loss on the other domains against the full model's; {over})", merge_table),
+        ("methods", one_seed, "Selection methods (one seed; average over domains: loss (task accuracy))",
+         method_table),
+        ("calibration", one_seed, f"Calibration size ({smallest:.1%}; one model seed; mean ± half the range over the "
+         "calibration seeds, which draw documents and passages; the n-shot row: the same examples without their "
+         "few-shot prompt)", calibration_table),
+        ("composition", one_seed, f"Composition, this project's extension ({smallest:.1%} per domain; one seed; loss "
+         "change from the full model)", composition_table),
+        ("cross", one_seed, f"Each domain's {smallest:.1%} subset on every domain (one seed; loss change from the "
+         "full model)", lambda rows, models: [line for m in models for line in cross_table(rows, m, domains) + [""]]),
+        ("retention", rows, "The twins' retention (average over domains: loss (task accuracy), mean ± half the "
+         "range of the seeds), routing token by token and with document pools", lambda rows, _: retention_table(rows)),
     ]
-    text = "".join(f"## {title}\n\n" + "\n".join(lines) + "\n\n" for title, lines in sections)
+    text = "".join(f"## {title}\n\n" + "\n".join(table(chosen, values_of(chosen, experiment, "model"))) + "\n\n"
+                   for experiment, chosen, title, table in sections if values_of(chosen, experiment, "model"))
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "tables.md"), "w") as f:
         f.write(text)
     with open(os.path.join(out, "rows.json"), "w") as f:
-        json.dump(rows, f, indent=1)
+        json.dump(saved, f, indent=1)
     return text
 
 

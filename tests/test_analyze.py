@@ -77,5 +77,11 @@ def test_analyze_command_writes_its_tables(tiny_corpus, tiny_checkpoints, tmp_pa
     for r in saved.values():
         assert 0 <= r["cluster_domain_entropy"] <= 1 and 0 <= r["token_cluster_entropy"] <= 1
         assert len(r["similarity"]) == 2  # layers
+    # the table gives each layer's mean similarity of two domains beside their mean over the layers
+    row = next(line for line in open(tmp_path / "specialization.md") if line.startswith("| emo_run"))
+    per_layer = [float(v) for v in row.split("|")[3].split(" / ")]
+    similarity = torch.tensor(next(iter(saved.values()))["similarity"])
+    assert per_layer == pytest.approx([analyze.mean_off_diagonal(s[None]) for s in similarity], abs=5e-4)
+    assert float(row.split("|")[2]) == pytest.approx(sum(per_layer) / 2, abs=1e-3)
     assert open(tmp_path / "domain_similarity.png", "rb").read(4) == b"\x89PNG"
     assert "cluster entropy of a token type" in capsys.readouterr().out

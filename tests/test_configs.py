@@ -70,8 +70,21 @@ def test_micro_twins_differ_only_where_they_should():
     assert dense.n_experts == 1 and dense.expert_hidden == emo.top_k * emo.expert_hidden
 
 
-@pytest.mark.parametrize("config", ["emo_micro", "std_micro", "std_micro_e8", "dense_micro"])
-def test_micro_configs_build_and_train_a_step(tiny_corpus, tmp_path, config):
+def test_paper_twins_differ_only_where_they_should():
+    """The fixed-pool twin differs from emo_tiny in its pool range only (a quarter of the experts); the twin
+    without a shared expert routes as many experts per token, its pools from one more than those."""
+    configs = {name: parse_args([f"{ROOT}/config/{name}.py"], TrainConfig, ModelConfig)[0][1]
+               for name in ("emo_tiny", "emo_tiny_fixed", "emo_tiny_noshared")}
+    emo, fixed, noshared = configs.values()
+    assert fixed.pool_min == fixed.pool_max == emo.n_experts // 4
+    assert dataclasses.replace(fixed, pool_min=emo.pool_min, pool_max=emo.pool_max) == emo
+    assert noshared.n_shared == 0 and noshared.top_k == emo.top_k and noshared.pool_min == noshared.top_k + 1
+    assert dataclasses.replace(noshared, n_shared=1, pool_min=emo.pool_min) == emo
+
+
+@pytest.mark.parametrize("config", ["emo_micro", "std_micro", "std_micro_e8", "dense_micro", "emo_tiny_fixed",
+                                    "emo_tiny_noshared"])
+def test_micro_and_paper_configs_build_and_train_a_step(tiny_corpus, tmp_path, config):
     """Each trains a step on the tests' corpus (its vocabulary and a shorter sequence given on the command line)."""
     from train import train
     _, history = train([f"{ROOT}/config/{config}.py", f"--data_dir={tiny_corpus[0]}", "--vocab_size=320",

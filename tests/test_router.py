@@ -111,6 +111,27 @@ def test_drawn_pool_sizes_in_range_and_cover_it():
     assert set(sizes.tolist()) == {3, 4, 5, 6, 7}
 
 
+def test_fixed_pool_size_gives_every_document_a_pool_of_exactly_that_many():
+    """config/emo_tiny_fixed.py's router (pool_min = pool_max = d): every document's tokens choose among exactly
+    d routed experts, the d its summed probabilities rank first."""
+    d, idx = 6, batches()[0]
+    router = make_router(pool=(d, d))
+    router.train()
+    assert set(router.pool_sizes(1000, "cpu").tolist()) == {d}
+    x = torch.randn(idx.numel(), 12)
+    ids = document_ids(idx, EOS).flatten()
+    routing = router(x, ids)
+    assert routing.pool_size.item() == d
+    probabilities = router.gate(x)[:, :router.n_routed].softmax(-1)
+    for doc in ids.unique():
+        tokens = ids == doc
+        pool = set(probabilities[tokens].sum(0).topk(d).indices.tolist())
+        chosen = routing.experts[tokens, :router.k_routed][routing.weights[tokens, :router.k_routed] > 0]
+        assert set(chosen.tolist()) <= pool
+        if tokens.sum() >= 8:  # a long document uses its whole pool
+            assert set(chosen.tolist()) == pool
+
+
 def test_pool_as_large_as_routed_experts_masks_nothing():
     idx = batches()[0]
     emo, std = make_router("emo", pool=(16, 40)), make_router("std")
