@@ -13,7 +13,6 @@ import argparse
 import dataclasses
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -39,14 +38,20 @@ def write_random(folder, overrides):
     export_hf(model, folder, torch.bfloat16)
 
 
+def peak_resident():
+    """This process's peak resident set in bytes (VmHWM). Not getrusage's ru_maxrss: that one keeps, across
+    fork and exec, the resident set the parent had when it started the child (here the writer's model)."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+
+
 def measure(folder, dtype):
     """Run in a fresh process: load, then report seconds, peak resident set and the weights' bytes."""
     start = time.perf_counter()
     model = load_hf(folder, dtype=getattr(torch, dtype))
     seconds = time.perf_counter() - start
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
-    print(json.dumps({"seconds": seconds, "peak": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-                      "weights": weights}))
+    print(json.dumps({"seconds": seconds, "peak": peak_resident(), "weights": weights}))
 
 
 def main():

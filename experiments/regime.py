@@ -269,9 +269,10 @@ def main(argv=None):
     parser.add_argument("--diagnose", default="", help="scripts/diagnose.sh's folder: tabulate its runs instead")
     parser.add_argument("--regime", default="micro", choices=("micro", "tiny"))
     parser.add_argument("--out", default="results/micro_cpu")
+    parser.add_argument("--seeds", default="1337,7", help="--diagnose: the seeds a change is shown for")
     args = parser.parse_args(argv)
     if args.diagnose:
-        print(write_diagnosis(args.diagnose, args.regime, args.out))
+        print(write_diagnosis(args.diagnose, args.regime, args.out, tuple(int(s) for s in args.seeds.split(","))))
         return
     print(write_report(read_runs(args.runs), args.runs, args.out))
 
