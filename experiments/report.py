@@ -320,7 +320,7 @@ def pruned_table(rows, models, baselines):
             decomposition.append(
                 f"- {fraction:.2%}: {emo} pruned - {baseline} = {subset - trained:+.3f} = {emo}'s full-model gap "
                 f"{emo_full - std_full:+.3f} + its pruning cost {subset - emo_full:+.3f} - the standard MoE's gain "
-                f"from its extra experts {std_full - trained:+.3f}")
+                f"from its extra experts {trained - std_full:+.3f}")
     return lines + ([""] + decomposition if decomposition else [])
 
 

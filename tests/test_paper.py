@@ -94,3 +94,17 @@ def test_emo_anneal_switches_the_router_for_the_last_steps_as_paper_sh_does(tiny
     assert [r["step"] for r in annealed] == [5, 6] and annealed[-1]["lr"] == 0
     assert load_checkpoint(str(tmp_path / "anneal"))["model_config"]["router"] == "emo"
     assert all(r["pool_size"] < 7 for r in annealed) and all(r["pool_size"] == 7 for r in history[:4])
+
+
+def test_the_decomposition_adds_up():
+    """(EMO subset - baseline) = EMO's full-model gap + its pruning cost - the standard MoE's gain from its extra
+    experts (the baseline's loss minus the standard MoE's)."""
+    def r(experiment, model, loss, fraction=1.0, variant="full"):
+        return {"experiment": experiment, "model": model, "domain": "a", "fraction": fraction, "variant": variant,
+                "loss": loss, "task_accuracy": 0.5, "model_experts": 64, "model_top_k": 4}
+    rows = report.with_seeds([r("pruned", "emo", 4.6), r("pruned", "std", 4.4), r("pruned", "emo", 4.7, 0.125, "inf"),
+                              r("pruned", "std", 5.0, 0.125, "inf"), r("baseline", "std_e8", 4.5, variant="inf"),
+                              r("baseline", "std_e8", 4.5, variant="ft")])
+    line = report.pruned_table(rows, ["emo", "std"], ["std_e8"])[-1]
+    assert line == ("- 12.50%: emo pruned - std_e8 = +0.200 = emo's full-model gap +0.200 + its pruning cost +0.100 - "
+                    "the standard MoE's gain from its extra experts +0.100")
