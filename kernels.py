@@ -11,7 +11,7 @@ The weights are laid out "input x output", so a group of tokens multiplies an ex
 Each starts the same way: the N*K (token, slot) pairs are sorted by expert, so that each expert's tokens form
 one contiguous group ("sorted slots", NK = N*K rows).
 
-Three paths, equal up to float rounding (tests/test_kernels.py), and a fourth for decoding (moe_mlp_decode):
+Three paths, equal up to float rounding (tests/test_kernels.py), and one for decoding (moe_mlp_decode, test_decode.py):
 - 'loop' (moe_mlp_loop): one matmul pair per expert on its group, in a Python loop. The readable reference;
   it needs the group sizes on the host (a sync) and launches 2E matmuls.
 - 'grouped_mm' (moe_mlp_grouped): the same computation as two grouped GEMMs (torch._grouped_mm, group ends
