@@ -43,7 +43,7 @@ from checkpoint import checkpoint_paths, load_model, model_name
 from data.corpus import Corpus
 from errors import UserError, run_command
 from eval import evaluate_text, set_pool_eval
-from experiments.sweep import corpus_domains, evaluate_domain
+from experiments.sweep import corpus_domains, evaluate_domain, fraction_list
 from finetune import FinetuneConfig, finetune, merge_back
 from prune import keep_count, prune_composed
 
@@ -142,14 +142,6 @@ def calibration_rows(name, model, corpus, domains, cfg):
             rows.append(row("calibration", name, model, d.name, fraction, evaluate(small, d, cfg), examples=size,
                             calibration_seed=seed, shots=shots, overlap_with_all=jaccard(layers, reference_layers)))
     return rows
-
-
-def fraction_list(text):
-    """'0.5,0.25' -> (0.5, 0.25)."""
-    try:
-        return tuple(float(f) for f in text.split(","))
-    except ValueError:
-        raise UserError(f"{text!r}: give fractions such as 0.5,0.25") from None
 
 
 def parse_pairs(spec):

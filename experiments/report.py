@@ -253,17 +253,18 @@ def average(rows, metric, **where):
     return mean([r[metric] for r in rows if all(r.get(k) == v for k, v in where.items())])
 
 
-def over_seeds(rows, metric, **where):
-    """(mean over the seeds of the domain average, half the range, how many seeds)."""
-    seeds = sorted({r["seed"] for r in rows if all(r.get(k) == v for k, v in where.items())})
-    values = [average(rows, metric, **{**where, "seed": s}) for s in seeds]
+def over_seeds(rows, metric, over="seed", **where):
+    """(mean over the seeds of the domain average, half the range, how many seeds); over names the seed's key
+    (the model's seed, or another such as the calibration seed)."""
+    seeds = sorted({r[over] for r in rows if all(r.get(k) == v for k, v in where.items())})
+    values = [average(rows, metric, **{**where, over: s}) for s in seeds]
     values = [v for v in values if not math.isnan(v)] or [float("nan")]
     return mean(values), (max(values) - min(values)) / 2, len(values)
 
 
-def number(rows, metric, digits=3, scale=1, **where):
+def number(rows, metric, digits=3, scale=1, over="seed", **where):
     """'4.576' for one seed, '4.576 ± 0.004' for several."""
-    middle, half, n = over_seeds(rows, metric, **where)
+    middle, half, n = over_seeds(rows, metric, over, **where)
     text = f"{scale * middle:.{digits}f}"
     return text + (f" ± {scale * half:.{digits}f}" if n > 1 else "")
 
@@ -364,12 +365,8 @@ def calibration_table(rows, models):
         cells = []
         for m in models:
             where = dict(experiment="calibration", model=m, examples=size, shots=shots)
-            calibration_seeds = sorted({r["calibration_seed"] for r in rows if all(r.get(k) == v
-                                                                                      for k, v in where.items())})
-            per_seed = [average(rows, "loss", calibration_seed=s, **where) for s in calibration_seeds]
-            spread = (max(per_seed) - min(per_seed)) / 2
-            cells += [f"{mean(per_seed):.3f}" + (f" ± {spread:.3f}" if len(per_seed) > 1 else "")
-                      + f" ({average(rows, 'task_accuracy', **where):.1%})",
+            cells += [f"{number(rows, 'loss', over='calibration_seed', **where)} "
+                      f"({average(rows, 'task_accuracy', **where):.1%})",
                       f"{average(rows, 'overlap_with_all', **where):.2f}"]
         label = f"all ({size})" if size == sizes[-1] else str(size)
         lines.append(f"| {label}{'' if shots == 2 else f', {shots}-shot'} | " + " | ".join(cells) + " |")

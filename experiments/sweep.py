@@ -106,6 +106,14 @@ def sweep(models, domains, fractions, method, batch_size, device):
     return rows, usage
 
 
+def fraction_list(text):
+    """'1.0,0.5' -> (1.0, 0.5); anything else a one-line error."""
+    try:
+        return tuple(float(f) for f in text.split(","))
+    except ValueError:
+        raise UserError(f"{text!r}: give fractions such as 1.0,0.5,0.25") from None
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ckpt", dest="paths", type=checkpoint_paths, required=True,
@@ -127,10 +135,7 @@ def main(argv=None):
     paths = args.paths
     if bool(args.calib) != bool(args.data):
         raise UserError("a sweep over your own text needs both --calib NAME=PATH and --data NAME=PATH")
-    try:
-        fractions = [float(f) for f in args.keep.split(",")]
-    except ValueError:
-        raise UserError(f"--keep {args.keep!r}: give fractions such as 1.0,0.5,0.25") from None
+    fractions = list(fraction_list(args.keep))
     if 1.0 not in fractions:
         raise UserError("--keep must include 1.0: the changes are relative to the full model")
     device = torch.device(args.device)
