@@ -53,21 +53,19 @@ mkdir -p $RUNS
 quarter=$((STEPS / 4))
 BATCH64="--batch_size=16 --grad_accum=4 --max_steps=$quarter --warmup_steps=$((quarter / 20)) --eval_interval=$quarter"
 BATCH64="$BATCH64 --checkpoint_interval=$quarter"
-{
-  for seed in $SEEDS; do
-    if [ "$REGIME" = tiny ] && [ "$seed" != 1337 ]; then
-      for family in emo std; do echo "train $family base $seed"; done
-    fi
-  done
+{  # each change with both seeds before the next, so that an interrupted run leaves whole rows
+  if [ "$REGIME" = tiny ]; then
+    for seed in $SEEDS; do [ "$seed" = 1337 ] || printf 'train %s base %s\n' emo "$seed" std "$seed"; done
+  fi
+  for seed in $SEEDS; do for family in emo std; do echo "train $family anneal $seed --anneal_steps=$((STEPS / 10))"; done; done
+  for seed in $SEEDS; do for family in emo std; do echo "train $family batch64 $seed $BATCH64"; done; done
+  for seed in $SEEDS; do echo "train emo batch64_step $seed $BATCH64 --lb_scope=step"; done
+  for seed in $SEEDS; do echo "train emo z0 $seed --z_weight=0"; done
   for seed in $SEEDS; do
     for family in emo std; do
-      echo "train $family batch64 $seed $BATCH64"
       echo "train $family lr_half $seed --lr=$(python3 -c "print($LR / 2)")"
       echo "train $family lr_double $seed --lr=$(python3 -c "print($LR * 2)")"
-      echo "train $family anneal $seed --anneal_steps=$((STEPS / 10))"
     done
-    echo "train emo batch64_step $seed $BATCH64 --lb_scope=step"
-    echo "train emo z0 $seed --z_weight=0"
   done
 } | xargs -P 2 -L 1 bash "$0" "$REGIME"
 for seed in $SEEDS; do echo "pool_eval $seed"; done | xargs -P 2 -L 1 bash "$0" "$REGIME"
