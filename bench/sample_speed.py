@@ -3,9 +3,12 @@ Decoding speed against its memory bound: tokens/s of greedy decoding with the KV
 model (random weights: speed does not depend on them), its weights in float32 or (--weights=bfloat16)
 bfloat16, laid out for decoding (EMO.for_decoding). Each new token reads the weights it uses once: attention,
 router, the top_k experts of every layer and the LM head; with this machine's bandwidth (a matrix-vector
-product over 1 GiB of weights, the same dtype) that bounds the rate. Printed: bytes per token, bandwidth, the
-bound, the rate reached and its share of the bound, and whether the tokens equal the training layout's. Not a
-test.
+product over 1 GiB of weights, the same dtype, measured before and after the decodes and the higher taken: the
+machine's bandwidth varies with its neighbours) that bounds the rate. Printed: bytes per token, bandwidth, the
+bound, the rate reached and its share of the bound, and whether the tokens equal the training layout's (if not,
+where they part and by how much the top two logits differ there). Then, to tell what the bound leaves from what
+products of this size allow, the bandwidth of matrix-vector products over matrices of an expert's up-projection
+shape (2H x C, as many as make 1 GiB: none is in cache) and the rate's share of the rate they would allow. Not a test.
 
     python bench/sample_speed.py config/emo_full.py --n_experts=16 --weights=float32    # the release at 12.5%
     python bench/sample_speed.py config/emo_full.py --n_experts=16 --weights=bfloat16
@@ -32,6 +35,7 @@ class SampleConfig:
     prompt_tokens: int = 32
     new_tokens: int = 32
     weights: str = "float32"  # or bfloat16
+    repeats: int = 3  # timed decodes in the decoding layout, the fastest counted (as the bandwidth's best of 5)
 
 
 def bytes_per_token(cfg, itemsize):
@@ -43,31 +47,45 @@ def bytes_per_token(cfg, itemsize):
     return (sum(per_layer) + C + cfg.vocab_size * C + C) * itemsize
 
 
-def bandwidth(dtype, gib=1.0, repeats=5):
-    """Bytes/s of a matrix-vector product over gib GiB of weights laid out output x input (the best of repeats)."""
-    columns = 16384
-    rows = int(gib * 2 ** 30 / dtype.itemsize / columns)
-    weight = torch.randn(rows, columns).to(dtype)
+def bandwidth(dtype, rows=None, columns=16384, gib=1.0, repeats=5):
+    """Bytes/s of matrix-vector products over gib GiB of weights laid out output x input (the best of repeats):
+    one matrix of the given columns, or (rows given) as many rows x columns matrices as make gib GiB, one
+    product each."""
+    total_rows = int(gib * 2 ** 30 / dtype.itemsize / columns)
+    rows = rows or total_rows
+    weights = torch.randn(total_rows // rows, rows, columns).to(dtype)
     x = torch.randn(1, columns).to(dtype)
     best = float("inf")
     for _ in range(repeats):
         start = time.perf_counter()
-        F.linear(x, weight)
+        for weight in weights:
+            F.linear(x, weight)
         best = min(best, time.perf_counter() - start)
-    return weight.numel() * dtype.itemsize / best
+    return weights.numel() * dtype.itemsize / best
 
 
-def decode(model, prompt, new_tokens):
-    """(tokens, seconds per new token after the first): greedy, with the KV cache."""
+def decode(model, prompt, new_tokens, repeats=1):
+    """(tokens, seconds per new token after the first, the fastest of repeats): greedy, with the KV cache."""
     first = model.generate(prompt, 1, temperature=0)
-    start = time.perf_counter()
-    tokens = model.generate(prompt, new_tokens, temperature=0)
-    seconds = time.perf_counter() - start
-    start = time.perf_counter()
-    model.generate(prompt, 1, temperature=0)  # the prompt and one token: taken off the total
-    prompt_seconds = time.perf_counter() - start
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        tokens = model.generate(prompt, new_tokens, temperature=0)
+        seconds = time.perf_counter() - start
+        start = time.perf_counter()
+        model.generate(prompt, 1, temperature=0)  # the prompt and one token: taken off the total
+        best = min(best, (seconds - (time.perf_counter() - start)) / (new_tokens - 1))
     assert torch.equal(tokens[:, :first.shape[1]], first)
-    return tokens, (seconds - prompt_seconds) / (new_tokens - 1)
+    return tokens, best
+
+
+def first_difference(model, tokens, reference, prompt_tokens):
+    """Where two greedy continuations part: the new token's index and the margin between the top two logits
+    there (the model's own, on the shared prefix): a near tie that rounding decides, or a real difference."""
+    new_index = int((tokens != reference).nonzero()[0, 1]) - prompt_tokens
+    with torch.no_grad():
+        top2 = model(reference[:, :prompt_tokens + new_index])[0, -1].float().topk(2).values
+    return f"new token {new_index}, top two logits {float(top2[0] - top2[1]):.2g} apart"
 
 
 def main():
@@ -85,18 +103,26 @@ def main():
     prompt = torch.randint(0, cfg.vocab_size - 1, (1, bench.prompt_tokens))
     n_params = sum(p.numel() for p in model.parameters())
     per_token = bytes_per_token(cfg, dtype.itemsize)
-    rate = bandwidth(dtype)
+    rate_before = bandwidth(dtype)
     print(f"cpu ({torch.get_num_threads()} threads, {bench.weights}) | {n_params / 1e9:.2f}B parameters | "
           f"{bench.prompt_tokens} prompt + {bench.new_tokens} new tokens, greedy, batch 1")
     reference, reference_seconds = decode(model, prompt, bench.new_tokens)
     model.for_decoding()
-    tokens, seconds = decode(model, prompt, bench.new_tokens)
+    tokens, seconds = decode(model, prompt, bench.new_tokens, bench.repeats)
+    same = "yes" if torch.equal(tokens, reference) else (
+        "no, from " + first_difference(model, tokens, reference, bench.prompt_tokens))
+    rate = max(rate_before, bandwidth(dtype))  # measured before and after the decodes: the higher bounds them
     bound = rate / per_token
     print(f"bytes read per token {per_token / 1e9:.3f} GB | bandwidth {rate / 1e9:.1f} GB/s | bound "
           f"{bound:.2f} tokens/s")
     print(f"training layout {1 / reference_seconds:.2f} tokens/s ({1 / reference_seconds / bound:.0%} of the bound)"
-          f" | decoding layout {1 / seconds:.2f} tokens/s ({1 / seconds / bound:.0%} of the bound) | same tokens: "
-          f"{torch.equal(tokens, reference)}")
+          f" | decoding layout, best of {bench.repeats}: {1 / seconds:.2f} tokens/s ({1 / seconds / bound:.0%} of the "
+          f"bound) | same tokens: {same}")
+    expert_rate = bandwidth(dtype, rows=2 * cfg.expert_hidden, columns=cfg.d_model)
+    allowed = expert_rate / per_token
+    print(f"products over {2 * cfg.expert_hidden} x {cfg.d_model} matrices {expert_rate / 1e9:.1f} GB/s "
+          f"({expert_rate / rate:.0%} of the bandwidth): they allow {allowed:.2f} tokens/s | training layout "
+          f"{1 / reference_seconds / allowed:.0%} of that, decoding layout {1 / seconds / allowed:.0%}")
 
 
 if __name__ == "__main__":
