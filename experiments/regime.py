@@ -201,7 +201,8 @@ CHANGES = (("base", "the release's settings (this regime's configs)"),
            ("batch64", "batches of 4 x 16 sequences, a quarter of the steps (balanced per micro-batch of 16)"),
            ("batch64_step", "the same, balanced over the step's 64 sequences (lb_scope=step; EMO)"),
            ("lr_half", "learning rate halved"), ("lr_double", "learning rate doubled"),
-           ("z0", "no router z-loss (EMO)"), ("anneal", "the last tenth of the steps linear to 0"))
+           ("z0", "no router z-loss (EMO)"),
+           ("anneal", "cosine to 0.1x over the first 90% of the steps, the last tenth linear to 0"))
 
 
 def diagnosis_runs(folder, regime, seeds):
