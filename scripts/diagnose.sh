@@ -53,14 +53,18 @@ mkdir -p $RUNS
 quarter=$((STEPS / 4))
 BATCH64="--batch_size=16 --grad_accum=4 --max_steps=$quarter --warmup_steps=$((quarter / 20)) --eval_interval=$quarter"
 BATCH64="$BATCH64 --checkpoint_interval=$quarter"
+each_seed() {  # families change [overrides...]: one training line per seed and family
+  local families=$1 change=$2; shift 2
+  for seed in $SEEDS; do for family in $families; do echo "train $family $change $seed $*"; done; done
+}
 {  # each change with both seeds before the next, so that an interrupted run leaves whole rows
   if [ "$REGIME" = tiny ]; then
     for seed in $SEEDS; do [ "$seed" = 1337 ] || printf 'train %s base %s\n' emo "$seed" std "$seed"; done
   fi
-  for seed in $SEEDS; do for family in emo std; do echo "train $family anneal $seed --anneal_steps=$((STEPS / 10))"; done; done
-  for seed in $SEEDS; do for family in emo std; do echo "train $family batch64 $seed $BATCH64"; done; done
-  for seed in $SEEDS; do echo "train emo batch64_step $seed $BATCH64 --lb_scope=step"; done
-  for seed in $SEEDS; do echo "train emo z0 $seed --z_weight=0"; done
+  each_seed "emo std" anneal --anneal_steps=$((STEPS / 10))
+  each_seed "emo std" batch64 $BATCH64
+  each_seed emo batch64_step $BATCH64 --lb_scope=step
+  each_seed emo z0 --z_weight=0
   for seed in $SEEDS; do
     for family in emo std; do
       echo "train $family lr_half $seed --lr=$(python3 -c "print($LR / 2)")"
