@@ -339,7 +339,7 @@ class EMO(nn.Module):
             block.moe.for_decoding()
         return self
 
-    @torch.no_grad()
+    @torch.inference_mode()  # no_grad, and no autograd bookkeeping on the tensors made: less time per operation
     def generate(self, idx, max_new_tokens, temperature=1.0, sample_top_k=None, use_cache=True):
         """Sample max_new_tokens after idx (B, T) in eval mode (token routing, as the release at inference).
         temperature 0 takes the most likely token; sample_top_k keeps only the most likely tokens. With
