@@ -7,10 +7,11 @@ product over 1 GiB of weights, the same dtype, measured before and after the dec
 machine's bandwidth varies with its neighbours) that bounds the rate. Printed: bytes per token, bandwidth, the
 bound, the rate reached and its share of the bound (every token timed on its own: the best token, like the
 bandwidth's best of 5 the machine at its quietest, and the median), and whether the tokens equal the training
-layout's (if not, where they part and by how much the top two logits differ there). Then, to tell what the
-bound leaves from what products of this size allow, the bandwidth of matrix-vector products over matrices of
-an expert's up-projection shape (2H x C, as many as make 1 GiB: none is in cache) and the rate's share of the
-rate they would allow. Not a test.
+layout's (if not, the decoding layout fed the training layout's tokens: at how many positions it picks the same
+token, and how near a tie its top two logits were where it does not). Then, to tell what the bound leaves from
+what products of this size allow, the bandwidth of matrix-vector products over matrices of an expert's
+up-projection shape (2H x C, as many as make 1 GiB: none is in cache) and the rate's share of the rate they
+would allow. Not a test.
 
     python bench/sample_speed.py config/emo_full.py --n_experts=16 --weights=float32    # the release at 12.5%
     python bench/sample_speed.py config/emo_full.py --n_experts=16 --weights=bfloat16
@@ -96,13 +97,24 @@ def rates(seconds, bound):
     return f"best token {best:.2f} tokens/s ({best / bound:.0%}), median {median:.2f} ({median / bound:.0%})"
 
 
-def first_difference(model, tokens, reference, prompt_tokens):
-    """Where two greedy continuations part: the new token's index and the margin between the top two logits
-    there (the model's own, on the shared prefix): a near tie that rounding decides, or a real difference."""
-    new_index = int((tokens != reference).nonzero()[0, 1]) - prompt_tokens
-    with torch.no_grad():
-        top2 = model(reference[:, :prompt_tokens + new_index])[0, -1].float().topk(2).values
-    return f"new token {new_index}, top two logits {float(top2[0] - top2[1]):.2g} apart"
+@torch.inference_mode()
+def forced_choices(model, tokens, prompt_tokens):
+    """Fed tokens (1, S) one at a time with the KV cache after the first prompt_tokens, the model's greedy choice
+    at each position and the margin between its top two logits there: (choices (S - prompt_tokens,), margins)."""
+    cache = KVCache(model.cfg, 1, tokens.device, model.embed.weight.dtype)
+    logits = [model(tokens[:, :prompt_tokens], cache=cache)[0, -1]]
+    logits += [model(tokens[:, i:i + 1], cache=cache)[0, -1] for i in range(prompt_tokens, tokens.shape[1] - 1)]
+    top2 = torch.stack(logits).float().topk(2, dim=-1)
+    return top2.indices[:, 0], top2.values[:, 0] - top2.values[:, 1]
+
+
+def agreement(model, reference, prompt_tokens):
+    """How the model's greedy choices compare with another path's tokens reference (1, S), fed that path's
+    tokens: where they differ, a near tie that rounding decides, or a real difference?"""
+    choices, margins = forced_choices(model, reference, prompt_tokens)
+    differ = choices != reference[0, prompt_tokens:]
+    largest = f", the largest top-two margin among those {float(margins[differ].max()):.2g}" if differ.any() else ""
+    return f"fed the training layout's tokens, the same choice at {int((~differ).sum())} of {len(differ)}{largest}"
 
 
 def main():
@@ -127,8 +139,7 @@ def main():
     model.for_decoding()
     tokens, seconds = decode(model, prompt, bench.new_tokens, bench.repeats)
     assert torch.equal(tokens, model.generate(prompt, bench.new_tokens, temperature=0))  # the timed loop is generate's
-    same = "yes" if torch.equal(tokens, reference) else (
-        "no, from " + first_difference(model, tokens, reference, bench.prompt_tokens))
+    same = "yes" if torch.equal(tokens, reference) else "no; " + agreement(model, reference, bench.prompt_tokens)
     rate_after = bandwidth(dtype)
     rate = max(rate_before, rate_after)  # the best of 5 before and after the decodes: the higher bounds them
     bound = rate / per_token
