@@ -114,7 +114,8 @@ def agreement(model, reference, prompt_tokens):
     choices, margins = forced_choices(model, reference, prompt_tokens)
     differ = choices != reference[0, prompt_tokens:]
     largest = f", the largest top-two margin among those {float(margins[differ].max()):.2g}" if differ.any() else ""
-    return f"fed the training layout's tokens, the same choice at {int((~differ).sum())} of {len(differ)}{largest}"
+    return (f"fed the training layout's tokens, the same choice at {int((~differ).sum())} of {len(differ)}{largest} "
+            f"(median margin {float(margins.median()):.2g})")
 
 
 def main():
