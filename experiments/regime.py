@@ -265,9 +265,10 @@ def write_diagnosis(folder, regime, out, seeds=(1337, 7)):
         tuned = tuned_learning_rates(losses, seeds)
         names = dict(LEARNING_RATES)
         (emo_lr, emo), (std_lr, std) = tuned["emo"], tuned["std"]
+        relative = mean([e / t - 1 for e, t in zip(emo, std)])
         lines += ["", f"Each family at its best of the three learning rates (chosen on this validation loss): EMO "
                   f"with the learning rate {names[emo_lr]} {pm(emo)}, the standard MoE {names[std_lr]} {pm(std)}; "
-                  f"gap {pm([e - t for e, t in zip(emo, std)])} ({100 * mean([e / t - 1 for e, t in zip(emo, std)]):+.2f}%)."]
+                  f"gap {pm([e - t for e, t in zip(emo, std)])} ({100 * relative:+.2f}%)."]
     pools = []
     for seed in seeds:
         path = os.path.join(folder, f"pool_eval_seed{seed}.json")
