@@ -155,5 +155,6 @@ def main():
           f"({expert_rate / rate:.0%} of the bandwidth): they allow {allowed:.2f} tokens/s | decoding layout's "
           f"best token {1 / min(seconds) / allowed:.0%} of that, median {1 / statistics.median(seconds) / allowed:.0%}")
 
+
 if __name__ == "__main__":
     main()

@@ -238,6 +238,11 @@ def tuned_learning_rates(losses, seeds):
     return tuned
 
 
+def gaps(emo, std):
+    """EMO's gap to the standard MoE, seed by seed: (differences, mean relative gap)."""
+    return [e - t for e, t in zip(emo, std)], mean([e / t - 1 for e, t in zip(emo, std)])
+
+
 def pm(values):
     middle, half = spread(values)
     return f"{middle:.4f} ± {half:.4f}"
@@ -257,18 +262,17 @@ def write_diagnosis(folder, regime, out, seeds=(1337, 7)):
             continue
         emo = [losses[("emo", change, s)] for s in seeds]
         std = [losses[("std", std_change, s)] for s in seeds]
-        gaps = [e - t for e, t in zip(emo, std)]
-        relative = [e / t - 1 for e, t in zip(emo, std)]
+        differences, relative = gaps(emo, std)
         which = "" if std_change == change else f" ({std_change})"
-        lines.append(f"| {description} | {pm(emo)} | {pm(std)}{which} | {pm(gaps)} | {100 * mean(relative):+.2f}% |")
+        lines.append(f"| {description} | {pm(emo)} | {pm(std)}{which} | {pm(differences)} | {100 * relative:+.2f}% |")
     if all((f, c, s) in losses for f in ("emo", "std") for c in ("lr_half", "lr_double") for s in seeds):
         tuned = tuned_learning_rates(losses, seeds)
         names = dict(LEARNING_RATES)
         (emo_lr, emo), (std_lr, std) = tuned["emo"], tuned["std"]
-        relative = mean([e / t - 1 for e, t in zip(emo, std)])
+        differences, relative = gaps(emo, std)
         lines += ["", f"Each family at its best of the three learning rates (chosen on this validation loss): EMO "
                   f"with the learning rate {names[emo_lr]} {pm(emo)}, the standard MoE {names[std_lr]} {pm(std)}; "
-                  f"gap {pm([e - t for e, t in zip(emo, std)])} ({100 * relative:+.2f}%)."]
+                  f"gap {pm(differences)} ({100 * relative:+.2f}%)."]
     pools = []
     for seed in seeds:
         path = os.path.join(folder, f"pool_eval_seed{seed}.json")
