@@ -11,7 +11,8 @@ layout's (if not, the decoding layout fed the training layout's tokens: at how m
 token, and how near a tie its top two logits were where it does not). Then, to tell what the bound leaves from
 what products of this size allow, the bandwidth of matrix-vector products over matrices of an expert's
 up-projection shape (2H x C, as many as make 1 GiB: none is in cache) and the rate's share of the rate they
-would allow. Not a test.
+would allow. Last, since the bandwidth moves within seconds, each token of one more decode against the 1 GiB
+bandwidth measured right after it (one pass): the best and the median of those shares. Not a test.
 
     python bench/sample_speed.py config/emo_full.py --n_experts=16 --weights=float32    # the release at 12.5%
     python bench/sample_speed.py config/emo_full.py --n_experts=16 --weights=bfloat16
@@ -51,44 +52,61 @@ def bytes_per_token(cfg, itemsize):
     return (sum(per_layer) + C + cfg.vocab_size * C + C) * itemsize
 
 
-def bandwidth(dtype, rows=None, columns=16384, gib=1.0, repeats=5):
-    """Bytes/s of matrix-vector products over gib GiB of weights laid out output x input (the best of repeats):
-    one matrix of the given columns, or (rows given) as many rows x columns matrices as make gib GiB, one
-    product each."""
+def bandwidth_probe(dtype, rows=None, columns=16384, gib=1.0):
+    """A function giving the bytes/s of one pass of matrix-vector products over gib GiB of weights laid out
+    output x input: one matrix of the given columns, or (rows given) as many rows x columns matrices as make
+    gib GiB, one product each."""
     total_rows = int(gib * 2 ** 30 / dtype.itemsize / columns)
     rows = rows or total_rows
     weights = torch.randn(total_rows // rows, rows, columns).to(dtype)
     x = torch.randn(1, columns).to(dtype)
-    best = float("inf")
-    for _ in range(repeats):
+
+    def probe():
         start = time.perf_counter()
         for weight in weights:
             F.linear(x, weight)
-        best = min(best, time.perf_counter() - start)
-    return weights.numel() * dtype.itemsize / best
+        return weights.numel() * dtype.itemsize / (time.perf_counter() - start)
+    return probe
+
+
+def bandwidth(dtype, rows=None, columns=16384, gib=1.0, repeats=5):
+    """The best of repeats passes of bandwidth_probe."""
+    probe = bandwidth_probe(dtype, rows, columns, gib)
+    return max(probe() for _ in range(repeats))
 
 
 @torch.inference_mode()
-def timed_decode(model, prompt, new_tokens):
+def timed_decode(model, prompt, new_tokens, after_each=None):
     """Greedy decoding with the KV cache, as EMO.generate does it, each new token after the first timed on its
-    own: (tokens (1, prompt + new_tokens), seconds of each of the new_tokens - 1 later tokens)."""
+    own and followed (untimed) by after_each(), if given: (tokens (1, prompt + new_tokens), seconds of each of
+    the new_tokens - 1 later tokens, what after_each returned after each)."""
     cache = KVCache(model.cfg, 1, prompt.device, model.embed.weight.dtype)
     tokens = torch.cat([prompt, model(prompt, cache=cache)[:, -1].argmax(-1, keepdim=True)], dim=1)
-    seconds = []
+    seconds, after = [], []
     for _ in range(new_tokens - 1):
         start = time.perf_counter()
         next_token = model(tokens[:, -1:], cache=cache)[:, -1].argmax(-1, keepdim=True)  # (1, 1)
         seconds.append(time.perf_counter() - start)
         tokens = torch.cat([tokens, next_token], dim=1)
-    return tokens, seconds
+        if after_each is not None:
+            after.append(after_each())
+    return tokens, seconds, after
 
 
 def decode(model, prompt, new_tokens, repeats=1):
     """(tokens, seconds of every timed token over repeats decodes)."""
-    tokens, seconds = timed_decode(model, prompt, new_tokens)
+    tokens, seconds, _ = timed_decode(model, prompt, new_tokens)
     for _ in range(repeats - 1):
         seconds += timed_decode(model, prompt, new_tokens)[1]
     return tokens, seconds
+
+
+def paired_shares(model, prompt, new_tokens, per_token, probe):
+    """Each token's rate as a share of the bandwidth measured (one pass of probe) right after it: the machine's
+    bandwidth moves within seconds, and a pair sees the same moment. (best share, median share)."""
+    _, seconds, rates = timed_decode(model, prompt, new_tokens, after_each=probe)
+    shares = [per_token / s / rate for s, rate in zip(seconds, rates)]
+    return max(shares), statistics.median(shares)
 
 
 def rates(seconds, bound):
@@ -154,6 +172,9 @@ def main():
     print(f"products over {2 * cfg.expert_hidden} x {cfg.d_model} matrices {expert_rate / 1e9:.1f} GB/s "
           f"({expert_rate / rate:.0%} of the bandwidth): they allow {allowed:.2f} tokens/s | decoding layout's "
           f"best token {1 / min(seconds) / allowed:.0%} of that, median {1 / statistics.median(seconds) / allowed:.0%}")
+    best, median = paired_shares(model, prompt, bench.new_tokens, per_token, bandwidth_probe(dtype))
+    print(f"decoding layout, each token against the 1 GiB bandwidth measured right after it: best {best:.0%}, "
+          f"median {median:.0%}")
 
 
 if __name__ == "__main__":
