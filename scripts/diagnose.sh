@@ -5,7 +5,8 @@
 #   evaluation with document pools      the base runs evaluated with pools of a quarter of the experts
 #   balance over more documents         batches of 4 x 16 sequences (a quarter of the steps: the same tokens),
 #                                       balanced per micro-batch of 16, or over the step's 64 (lb_scope=step)
-#   learning rate, z-loss               lr halved and doubled for each family; EMO without its router z-loss
+#   learning rate, z-loss               lr halved, doubled and quadrupled for each family; EMO without its
+#                                       router z-loss
 #   the release's final anneal          the last tenth of the steps linear to 0, both families
 # Interrupted, it continues.
 #   bash scripts/diagnose.sh micro           # or: bash scripts/diagnose.sh tiny
@@ -69,6 +70,7 @@ each_seed() {  # families change [overrides...]: one training line per seed and 
     for family in emo std; do
       echo "train $family lr_half $seed --lr=$(python3 -c "print($LR / 2)")"
       echo "train $family lr_double $seed --lr=$(python3 -c "print($LR * 2)")"
+      echo "train $family lr_quadruple $seed --lr=$(python3 -c "print($LR * 4)")"
     done
   done
 } | xargs -P 2 -L 1 bash "$0" "$REGIME"

@@ -15,3 +15,5 @@ def test_each_family_takes_its_own_best_learning_rate_by_the_mean_over_seeds():
               ("std", "base", 1337): 3.03, ("std", "base", 7): 3.04,
               ("std", "lr_double", 1337): 2.90}  # not run for every seed: not a candidate
     assert tuned_learning_rates(losses, seeds) == {"emo": ("base", [3.12, 3.16]), "std": ("lr_half", [3.00, 3.02])}
+    losses |= {("emo", "lr_quadruple", 1337): 3.00, ("emo", "lr_quadruple", 7): 3.02}  # the largest rate, best
+    assert tuned_learning_rates(losses, seeds)["emo"] == ("lr_quadruple", [3.00, 3.02])
