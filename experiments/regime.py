@@ -229,7 +229,8 @@ LEARNING_RATES = (("lr_half", "halved"), ("base", "as configured"), ("lr_double"
 
 def tuned_learning_rates(losses, seeds):
     """Each family at its own best learning rate, as the paper tuned each: {family: (change, [loss per seed])}
-    for the one of LEARNING_RATES with the lowest mean loss over seeds (only those run for every seed). Chosen on the validation loss that is reported, so the tuned gap is a best case for each family."""
+    for the one of LEARNING_RATES with the lowest mean loss over seeds (only those run for every seed). Chosen on
+    the validation loss that is reported, so the tuned gap is a best case for each family."""
     tuned = {}
     for family in ("emo", "std"):
         runs = {change: [losses[(family, change, s)] for s in seeds] for change, _ in LEARNING_RATES
@@ -271,10 +272,9 @@ def write_diagnosis(folder, regime, out, seeds=(1337, 7)):
         names = dict(LEARNING_RATES)
         (emo_lr, emo), (std_lr, std) = tuned["emo"], tuned["std"]
         differences, relative = gaps(emo, std)
-        lines += ["", f"Each family at its best of the learning rates run with every seed (chosen on this validation "
-                  f"loss): EMO "
-                  f"with the learning rate {names[emo_lr]} {pm(emo)}, the standard MoE {names[std_lr]} {pm(std)}; "
-                  f"gap {pm(differences)} ({100 * relative:+.2f}%)."]
+        lines += ["", "Each family at its best of the learning rates run with every seed (chosen on this validation "
+                  f"loss): EMO with the learning rate {names[emo_lr]} {pm(emo)}, the standard MoE {names[std_lr]} "
+                  f"{pm(std)}; gap {pm(differences)} ({100 * relative:+.2f}%)."]
     pools = []
     for seed in seeds:
         path = os.path.join(folder, f"pool_eval_seed{seed}.json")
