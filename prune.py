@@ -126,19 +126,24 @@ def layer_score(moe, moe_input, moe_output, routing, scored, method):
     if method == "frequency":
         return torch.zeros(router.n_routed, device=h.device).index_add_(0, chosen.flatten(),
                                                                          (weights > 0).flatten().float())
-    # EASY-EP: how much the MoE changes the token's direction (h: the MoE input after its norm, as in the
-    # release), times each expert's weighted output norm
+    terms, importance = easy_ep_terms(moe, h, moe_output.flatten(0, 1)[scored], chosen, weights)
+    return torch.stack([(weight * norm * importance[token]).sum() for token, weight, norm in terms])
+
+
+def easy_ep_terms(moe, h, moe_output, chosen, weights):
+    """EASY-EP's factors on n tokens (h (n, C): the MoE input after its norm, as in the release; moe_output
+    (n, C); chosen, weights (n, kr): the routed experts): per routed expert, over the tokens that chose it,
+    (token ids, routing weights, its output's norms), and per token how much the MoE changes its direction,
+    1 - cos(h, h + moe_output) (n,)."""
     # 1 - cos(a, b) as |a/|a| - b/|b||^2 / 2: the same value, but no cancellation when the MoE adds little
-    moe_output = moe_output.flatten(0, 1)[scored]  # (n, C)
     direction_change = F.normalize(h.float(), dim=-1) - F.normalize((h + moe_output).float(), dim=-1)
-    importance = direction_change.square().sum(-1) / 2  # (N,)
-    scores = torch.zeros(router.n_routed, device=h.device)
-    for e in range(router.n_routed):
+    importance = direction_change.square().sum(-1) / 2  # (n,)
+    terms = []
+    for e in range(moe.router.n_routed):
         token, slot = (chosen == e).nonzero(as_tuple=True)
-        if len(token):
-            out = swiglu(h[token] @ moe.w_up_gate[e]) @ moe.w_down[e]  # (n_e, C)
-            scores[e] = (weights[token, slot] * out.float().norm(dim=-1) * importance[token].float()).sum()
-    return scores
+        out = swiglu(h[token] @ moe.w_up_gate[e]) @ moe.w_down[e]  # (n_e, C)
+        terms.append((token, weights[token, slot].float(), out.float().norm(dim=-1)))
+    return terms, importance
 
 
 def prune_layer(moe, routed_ids):

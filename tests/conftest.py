@@ -1,15 +1,18 @@
-"""Shared test fixtures: a tiny four-domain corpus built by data/prepare.py's own code, tiny trained runs.
+"""Shared test fixtures: a tiny four-domain corpus built by data/prepare.py's own code, tiny trained runs, and
+calibration batches of its documents.
 Without CUDA, Triton kernels run on CPU tensors through Triton's interpreter (set before triton is imported)."""
 
 import os
 import random
 
+import numpy as np
 import pytest
 import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+from data.corpus import Corpus
 from data.prepare import build_corpus
 
 
@@ -56,3 +59,15 @@ def tiny_checkpoints(tiny_corpus, tmp_path_factory):
         train(tiny_run(tiny_corpus[0], out, f"--router={router}", "--eval_interval=0"))
         runs[router] = str(out)
     return runs
+
+
+def as_batches(documents, length=32):
+    """Calibration batches of plain documents: (idx (1, T), every token scored)."""
+    return [(torch.as_tensor(np.asarray(doc[:length], dtype=np.int64))[None], torch.ones(1, len(doc[:length]),
+                                                                                          dtype=torch.bool))
+            for doc in documents]
+
+
+def tokens_of(corpus_dir, domain, n=3):
+    """Calibration batches of a tiny corpus's first n calibration documents of a domain."""
+    return as_batches(Corpus(corpus_dir).documents("calib", domain)[:n])

@@ -17,17 +17,7 @@ from checkpoint import load_model, save_checkpoint
 from data.corpus import Corpus
 from errors import UserError
 from model import EMO, ModelConfig
-
-
-def as_batches(documents, length=32):
-    """Calibration batches of plain documents: (idx (1, T), every token scored)."""
-    return [(torch.as_tensor(np.asarray(doc[:length], dtype=np.int64))[None], torch.ones(1, len(doc[:length]),
-                                                                                          dtype=torch.bool))
-            for doc in documents]
-
-
-def tokens_of(corpus_dir, domain, n=3):
-    return as_batches(Corpus(corpus_dir).documents("calib", domain)[:n])
+from tests.conftest import as_batches, tokens_of
 
 
 def masked_full_logits(full, kept_per_layer, idx):
