@@ -7,13 +7,13 @@ domain's model is pruned with both methods on the same calibration examples (pap
   shared          how many kept experts the two methods share
   tokens, weight, norm, turn
                   what each method's kept experts are on the scored calibration tokens of the full model
-                  (routing token by token): tokens routed to one of them per expert, their mean routing
-                  weight, the mean norm of their output, the mean direction change 1 - cos(h, h + MoE(h)) of
-                  the tokens routed to them (EASY-EP's score is the sum of weight x norm x turn)
+                  (routing token by token), averaged over them: the tokens routed to the expert, and over
+                  those tokens its routing weight, the norm of its output and the direction change
+                  1 - cos(h, h + MoE(h)) (EASY-EP scores an expert by the sum of weight x norm x turn)
   swap cost       the domain's loss of greedy's model with this layer's experts replaced by EASY-EP's, minus
                   greedy's loss
 
-    python -m experiments.contrast --ckpt out/emo_tiny --fraction 0.125 --out results/tiny_cpu/paper/contrast
+    python -m experiments.contrast --ckpt out/emo_tiny --fraction 0.125 --out out/contrast
 """
 
 import argparse
