@@ -5,9 +5,9 @@
 #   1. trains what the demo did not: the models trained from scratch paired with the subsets (std_tiny_e16 with
 #      25%, std_tiny_e8 with 12.5%, dense_tiny with 6.25%: the paper's Dense @ 8 beside its keep-8 subset); the
 #      demo's two models and those three again with seed 7; the fixed-pool and no-shared-expert twins
-#      (config/emo_tiny_fixed.py, emo_tiny_noshared.py); EMO-anneal;
+#      (config/emo_tiny_fixed.py, emo_tiny_noshared.py) and EMO-anneal, with both seeds;
 #   2. runs paper.py: every experiment on emo_tiny and std_tiny, the pruned and merge experiments on their seed-7
-#      twins, the baselines of both seeds, the retention of EMO, the standard MoE and the three twins;
+#      twins, the baselines of both seeds, the retention of EMO, the standard MoE and the three twins (both seeds);
 #   3. writes results/tiny_cpu/paper/ (experiments/report.py --paper, experiments/analyze.py).
 #   bash scripts/paper.sh                      # after make demo
 #   bash scripts/paper.sh train std_tiny_e8 7  # one job, as the queue runs it
@@ -30,18 +30,19 @@ train() {  # config seed [overrides...]: out/CONFIG (seed 1337, the configs' own
   touch "$out/done"
 }
 
-ANNEALED=out/emo_anneal_tiny
-anneal() {  # EMO-anneal (the paper's App. B.4): std_tiny's 600 steps, the last 30 (5%, the release's 50B of 1T
-  # tokens) with EMO's router and the learning rate linear to 0; the first 570 stop with a checkpoint
-  local out=$ANNEALED
+anneal() {  # seed: EMO-anneal (the paper's App. B.4): std_tiny's 600 steps, the last 30 (5%, the release's 50B
+  # of 1T tokens) with EMO's router and the learning rate linear to 0; the first 570 stop with a checkpoint
+  local seed=$1 out; out=$(run_name emo_anneal_tiny "$seed")
   test -f "$out/done" && return 0
   if [ ! -f "$out/standard_done" ]; then
     local resume=""
     test -f "$out/ckpt.pt" && resume="--init_from=resume"
-    $PY train.py config/std_tiny.py --out_dir=$out --anneal_steps=30 --stop_after=570 $resume > "$out.log" 2>&1
+    $PY train.py config/std_tiny.py --seed="$seed" --out_dir="$out" --anneal_steps=30 --stop_after=570 $resume \
+      > "$out.log" 2>&1
     touch "$out/standard_done"
   fi
-  $PY train.py config/std_tiny.py --out_dir=$out --anneal_steps=30 --init_from=resume --router=emo >> "$out.log" 2>&1
+  $PY train.py config/std_tiny.py --seed="$seed" --out_dir="$out" --anneal_steps=30 --init_from=resume --router=emo \
+    >> "$out.log" 2>&1
   touch "$out/done"
 }
 
@@ -64,19 +65,25 @@ BASELINES="std_tiny_e16 std_tiny_e8 dense_tiny"  # paired with 25%, 12.5% and 6.
   echo "paper run std_tiny out/std_tiny"
   for model in emo_tiny std_tiny; do echo "train $model $SEED"; done
   for model in $BASELINES; do echo "train $model 1337"; echo "train $model $SEED"; done
-  echo "train emo_tiny_fixed 1337"
-  echo "train emo_tiny_noshared 1337"
-  echo "anneal"
+  for seed in 1337 $SEED; do
+    for twin in emo_tiny_fixed emo_tiny_noshared; do echo "train $twin $seed"; done
+    echo "anneal $seed"
+  done
 } | xargs -P 2 -L 1 bash "$0"
 {
   for model in emo_tiny std_tiny; do echo "paper run ${model}_seed$SEED $(run_name $model $SEED) --only pruned"; done
   echo "paper baselines baselines out/${BASELINES// /,out/}"
   seeded=$(for model in $BASELINES; do echo -n "$(run_name "$model" "$SEED"),"; done)
   echo "paper baselines baselines_seed$SEED ${seeded%,}"
-  echo "paper retention retention out/emo_tiny,out/std_tiny,out/emo_tiny_fixed,out/emo_tiny_noshared,$ANNEALED"
+  for seed in 1337 $SEED; do
+    twins=$(for model in emo_tiny std_tiny emo_tiny_fixed emo_tiny_noshared emo_anneal_tiny; do
+      echo -n "$(run_name "$model" "$seed"),"; done)
+    echo "paper retention retention$([ "$seed" = 1337 ] || echo "_seed$seed") ${twins%,}"
+  done
 } | xargs -P 2 -L 1 bash "$0"
 folders=""
-for f in emo_tiny std_tiny emo_tiny_seed$SEED std_tiny_seed$SEED baselines baselines_seed$SEED retention; do
+for f in emo_tiny std_tiny emo_tiny_seed$SEED std_tiny_seed$SEED baselines baselines_seed$SEED retention \
+    retention_seed$SEED; do
   folders="$folders,out/paper/$f"
 done
 $PY -m experiments.report --paper "${folders#,}" --out $RESULTS
