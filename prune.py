@@ -267,6 +267,15 @@ def set_pruned_config(model):
         block.moe.router.top_k = model.cfg.top_k
 
 
+def prune_to(model, kept_per_layer):
+    """Prune model in place to the given routed experts of each layer (layer-local ids; the shared ones stay), as
+    a pruning record names them. Returns the model."""
+    for block, kept in zip(model.layers, kept_per_layer):
+        prune_layer(block.moe, torch.as_tensor(kept))
+    set_pruned_config(model)
+    return model
+
+
 def prune(model, batches, keep, method, seed=0):
     """Prune model in place for one domain's calibration batches [(idx (b, T), scored (b, T))] (see
     prune_composed)."""

@@ -31,7 +31,7 @@ from errors import run_command
 from eval import evaluate_text
 from experiments.paper import PaperConfig, pruned
 from experiments.sweep import corpus_domains
-from prune import easy_ep_terms, moe_calls, prune_layer, set_pruned_config
+from prune import easy_ep_terms, moe_calls, prune_to
 
 METHODS = ("greedy", "easy_ep")
 FACTORS = ("tokens", "weight", "norm", "turn")
@@ -55,15 +55,6 @@ def expert_factors(model, batches):
     return [torch.cat([s[:, :1], s[:, 1:] / s[:, :1].clamp(min=1)], dim=1) for s in sums]
 
 
-def pruned_with(model, kept_per_layer):
-    """A copy of model with each layer's routed experts kept_per_layer[i] (layer-local ids)."""
-    small = copy.deepcopy(model)
-    for block, kept in zip(small.layers, kept_per_layer):
-        prune_layer(block.moe, torch.tensor(kept))
-    set_pruned_config(small)
-    return small
-
-
 def domain_contrast(model, corpus, domain, fraction, cfg):
     """One domain's rows: each method's loss, then per layer the shared experts, each method's kept experts'
     mean factors and the swap cost."""
@@ -71,7 +62,7 @@ def domain_contrast(model, corpus, domain, fraction, cfg):
     kept = {m: [layer["kept"] for layer in pruned(model, [examples], fraction, m)[1]] for m in METHODS}
 
     def loss(kept_per_layer):
-        small = pruned_with(model, kept_per_layer)
+        small = prune_to(copy.deepcopy(model), kept_per_layer)
         return evaluate_text(small, domain.tokens, cfg.batch_size, torch.device(cfg.device), domain.scored)["loss"]
 
     losses = {m: loss(kept[m]) for m in METHODS}

@@ -1,5 +1,5 @@
-"""experiments/contrast.py: EASY-EP's factors per expert against a token-by-token loop, and a model rebuilt from
-kept sets equal to the one prune.py wrote.
+"""experiments/contrast.py: EASY-EP's factors per expert against a token-by-token loop; prune.prune_to: a model
+rebuilt from a pruning record's kept sets equal to the one prune.py wrote.
 
     python -m pytest tests/test_contrast.py -q
 """
@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 import prune
 from checkpoint import load_model
-from experiments.contrast import expert_factors, pruned_with
+from experiments.contrast import expert_factors
 from kernels import swiglu
 from tests.conftest import tokens_of
 
@@ -49,7 +49,7 @@ def test_a_model_rebuilt_from_kept_sets_equals_the_pruned_one(tiny_corpus, tiny_
     batches = tokens_of(tiny_corpus[0], "math")
     pruned = copy.deepcopy(model)
     layers = prune.prune(pruned, batches, 3, "greedy")
-    rebuilt = pruned_with(model, [layer["kept"] for layer in layers])
+    rebuilt = prune.prune_to(copy.deepcopy(model), [layer["kept"] for layer in layers])
     assert rebuilt.cfg == pruned.cfg
     idx = batches[0][0]
     torch.testing.assert_close(rebuilt(idx), pruned(idx), rtol=0, atol=0)

@@ -54,9 +54,7 @@ def test_a_layer_below_top_k_lowers_top_k_as_the_release_does(tmp_path):
     layer's count, as the release's variable-count script writes it; the release's semantics (one top_k for
     every layer) then run the export, and nanoEMO computes the same."""
     model = tiny_model()
-    for block, routed in zip(model.layers, ([0], [1, 4, 6], [2, 5])):
-        prune.prune_layer(block.moe, torch.tensor(routed))
-    prune.set_pruned_config(model)
+    prune.prune_to(model, ([0], [1, 4, 6], [2, 5]))
     assert model.cfg.top_k == 2 and model.cfg.layer_experts() == [2, 4, 3]
     export_hf(model, str(tmp_path / "pruned"))
     config = json.loads((tmp_path / "pruned" / "config.json").read_text())

@@ -78,14 +78,10 @@ def test_finetune_command_keeps_the_pruning_record(tiny_corpus, tiny_checkpoints
 
 
 def pruned_copy(model, routed_kept):
-    """A copy of model pruned to the given routed experts per layer (and the shared one), with its record."""
+    """A copy of model pruned to the given routed experts per layer (and the shared one)."""
     import copy
     import prune
-    subset = copy.deepcopy(model)
-    for block, kept in zip(subset.layers, routed_kept):
-        prune.prune_layer(block.moe, torch.tensor(kept))
-    prune.set_pruned_config(subset)
-    return subset
+    return prune.prune_to(copy.deepcopy(model), routed_kept)
 
 
 KEPT = [[1, 4, 6], [0, 2, 5]]  # original ids of the subset's routed experts, per layer (7 routed, 1 shared)
