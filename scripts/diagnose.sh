@@ -66,13 +66,9 @@ each_seed() {  # families change [overrides...]: one training line per seed and 
   each_seed "emo std" batch64 $BATCH64
   each_seed emo batch64_step $BATCH64 --lb_scope=step
   each_seed emo z0 --z_weight=0
-  for seed in $SEEDS; do
-    for family in emo std; do
-      echo "train $family lr_half $seed --lr=$(python3 -c "print($LR / 2)")"
-      echo "train $family lr_double $seed --lr=$(python3 -c "print($LR * 2)")"
-      echo "train $family lr_quadruple $seed --lr=$(python3 -c "print($LR * 4)")"
-    done
-  done
+  each_seed "emo std" lr_quadruple --lr="$(python3 -c "print($LR * 4)")"  # the micro regime's best rate first
+  each_seed "emo std" lr_double --lr="$(python3 -c "print($LR * 2)")"
+  each_seed "emo std" lr_half --lr="$(python3 -c "print($LR / 2)")"
 } | xargs -P 2 -L 1 bash "$0" "$REGIME"
 for seed in $SEEDS; do echo "pool_eval $seed"; done | xargs -P 2 -L 1 bash "$0" "$REGIME"
 $PY -m experiments.regime --diagnose "$RUNS" --regime "$REGIME" --out "results/${REGIME}_cpu"
