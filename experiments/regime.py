@@ -267,9 +267,9 @@ def write_diagnosis(folder, regime, out, seeds=(1337, 7)):
         differences, relative = gaps(emo, std)
         which = "" if std_change == change else f" ({std_change})"
         lines.append(f"| {description} | {pm(emo)} | {pm(std)}{which} | {pm(differences)} | {100 * relative:+.2f}% |")
-    rates_run = [change for change, _ in LEARNING_RATES
-                 if change != "base" and all((f, change, s) in losses for f in ("emo", "std") for s in seeds)]
-    if rates_run:  # once any rate besides the configured one has every seed
+    # once any rate besides the configured one has every seed
+    if any(change != "base" and all((f, change, s) in losses for f in ("emo", "std") for s in seeds)
+           for change, _ in LEARNING_RATES):
         tuned = tuned_learning_rates(losses, seeds)
         names = dict(LEARNING_RATES)
         (emo_lr, emo), (std_lr, std) = tuned["emo"], tuned["std"]
