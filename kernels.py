@@ -144,22 +144,23 @@ def moe_mlp_grouped(x, w_up_gate, w_down, weights, experts):
 
 # ---------------------------------------------------------------------------------------------------------
 # Decoding: a few tokens, no gradient. What bounds it is reading the weights once per token; with them laid out
-# output x input (model.EMO.for_decoding) every product reads its rows in order.
+# output x input (model.EMO.for_decoding) every product reads its rows in order. Between two products the weights
+# just read have pushed the interpreter's and torch's own data out of cache, so each operation there costs
+# microseconds: the fewer, the nearer the bound.
 
 DECODE_SLOTS = 16  # (token, slot) pairs up to which moe_mlp_decode runs for a model laid out for decoding
 
 
 def moe_mlp_decode(x, w_up_gate, w_down, weights, experts):
-    """The loop's computation for a few tokens: each (token, slot) pair's two matrix-vector products in turn,
-    no sort, no gather of groups. Written in as few operations as it takes (a token's time here is the weights'
-    reading plus a few microseconds per operation): torch.mv on the stored (out, in) matrices, the weighted
-    output added in place."""
-    y = torch.zeros(x.shape, dtype=torch.float32, device=x.device)  # (N, C)
-    for n, (row, chosen) in enumerate(zip(weights.tolist(), experts.tolist())):  # one host sync
-        x_n, y_n = x[n], y[n]  # (C,) the token, its output row (a view into y)
-        for weight, e in zip(row, chosen):
-            act = swiglu(torch.mv(w_up_gate[e].t(), x_n))  # (H,)
-            y_n.add_(torch.mv(w_down[e].t(), act), alpha=weight)  # float32 accumulation
+    """The loop's computation for a few tokens, token by token: each chosen expert's up-projection (torch.mv on
+    the stored (out, in) matrix), SwiGLU on all of them at once, each down-projection, then their weighted sum
+    in float32. Every operation is on all K slots at once where it can be."""
+    ups, downs = w_up_gate.transpose(1, 2).unbind(0), w_down.transpose(1, 2).unbind(0)  # E x (2H, C), E x (C, H)
+    y = torch.empty(x.shape, dtype=torch.float32, device=x.device)  # (N, C)
+    for n, (x_n, weights_n, chosen) in enumerate(zip(x, weights, experts.tolist())):  # one host sync
+        act = swiglu(torch.stack([torch.mv(ups[e], x_n) for e in chosen]))  # (K, H)
+        slot_outputs = torch.stack([torch.mv(downs[e], a) for e, a in zip(chosen, act)])  # (K, C)
+        y[n] = weights_n @ slot_outputs.float()  # float32 accumulation
     return y.to(x.dtype)
 
 

@@ -36,7 +36,7 @@ def test_decoding_layout_and_path_compute_what_the_training_layout_does(dtype):
 
 
 def test_decode_path_equals_the_loop():
-    for N in (1, 2, 5):
+    for N in (0, 1, 2, 5):
         x, w_up_gate, w_down, weights, experts = (t.detach() for t in problem(N, 16, 24, 8, 3, seed=N))
         torch.testing.assert_close(moe_mlp_decode(x, w_up_gate, w_down, weights, experts),
                                    moe_mlp_loop(x, w_up_gate, w_down, weights, experts), rtol=1e-5, atol=1e-6)
